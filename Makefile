@@ -1,0 +1,34 @@
+# The two commands README.md documents:
+#   make demo [QUICK=1]   set up the environment and run the embedded default
+#   make test             set up the environment and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+QUICK ?=
+
+.PHONY: env demo test clean-env
+
+env: $(STAMP)
+
+# torch first: with no GPU, the CPU build (2.13.0 is the wheel this machine carries locally);
+# an unpinned torch would pull a multi-GB CUDA build that a CPU machine cannot use.
+$(STAMP): setup.py requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing torch with CUDA"; $(BIN)/pip install -q "torch>=2.4,<2.15"; \
+	else \
+		echo "no GPU: installing the CPU build of torch"; $(BIN)/pip install -q "torch==2.13.0"; \
+	fi
+	$(BIN)/pip install -q -e ".[demo,test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m distill.demo --run_dir $(RUN_DIR) $(if $(QUICK),--quick,)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,57 @@
+"""Binarize a text corpus into token ids (the first step of the pipeline).
+
+    python scripts/binarized_data.py --file_path corpus.txt --tokenizer_type bert \
+        --tokenizer_name path/to/teacher --dump_file data/corpus
+
+Flags follow DistilBERT's original script; --dump_file names the dataset folder that
+--data_file takes everywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from distill.data.binarize import binarize
+from distill.errors import UserError, cli_entry
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--file_path", required=True,
+                   help="corpus: plain text with one document per line (.txt, .gz) or .jsonl with a 'text' field")
+    p.add_argument("--tokenizer_type", default="bert", choices=["bert", "roberta", "gpt2", "auto"],
+                   help="tokenizer family; sequences are wrapped in its start/end tokens "
+                        "(cls/sep where defined, else bos/eos)")
+    p.add_argument("--tokenizer_name", required=True,
+                   help="a local folder with tokenizer files (e.g. the teacher's), loaded offline")
+    p.add_argument("--dump_file", required=True, help="dataset folder to write (tokens.bin, offsets.npy, meta.json)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="tokenizer processes (default: min(4, cores))")
+    p.add_argument("--seed", type=int, default=56, help="seed of the stored sequence order")
+    p.add_argument("--no_shuffle", action="store_true", help="keep the corpus order instead of shuffling")
+    p.add_argument("--max_lines", type=int, default=None, help="stop after this many non-blank lines")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --dump_file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.num_workers < 1:
+        p.error("--num_workers must be at least 1")
+    if args.max_lines is not None and args.max_lines < 1:
+        p.error("--max_lines must be at least 1")
+    return args
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    res = binarize(args.file_path, args.tokenizer_name, args.dump_file, tokenizer_type=args.tokenizer_type,
+                   num_workers=args.num_workers, seed=args.seed, shuffle=not args.no_shuffle,
+                   max_lines=args.max_lines, overwrite=args.overwrite, progress=not args.quiet)
+    rate = res.num_tokens / max(res.seconds, 1e-9)
+    print(f"wrote {res.num_sequences:,} sequences, {res.num_tokens:,} tokens in {res.seconds:.1f}s "
+          f"({rate:,.0f} tokens/s) to {res.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

