@@ -1,0 +1,407 @@
+"""Turn a text corpus into a binarized dataset: one flat token array, an offsets index, meta.json.
+
+Layout of a dataset folder (what ``--dump_file`` writes and ``--data_file`` reads)::
+
+    tokens.bin    every sequence's ids back to back, uint16 (vocab <= 65,536) or uint32
+    offsets.npy   int64 (num_sequences + 1,): sequence i is tokens[offsets[i]:offsets[i+1]]
+    meta.json     tokenizer, vocab size, special ids, dtype, counts, seed, source
+
+Each line of the corpus becomes one sequence wrapped in the tokenizer's start and end tokens.
+The corpus is streamed in batches of lines, so memory stays flat however large it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from distill.errors import UserError
+
+TOKENS_FILE = "tokens.bin"
+OFFSETS_FILE = "offsets.npy"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype holding every id of the vocabulary (ids run 0..vocab_size-1)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the corpus
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse, with one sentence, anything that is not a readable, non-empty text file."""
+    if not path.exists():
+        raise UserError(f"input file {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; --file_path takes a text file")
+    if path.stat().st_size == 0:
+        raise UserError(f"input file {path} is empty")
+    try:
+        with _open_text(path) as f:
+            head = f.read(1 << 16)
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # gzip errors are OSError
+        raise UserError(f"{path} is not a UTF-8 text file ({type(e).__name__})") from None
+    if "\x00" in head:
+        raise UserError(f"{path} is not a text file (it contains NUL bytes)")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _is_jsonl(path: Path) -> bool:
+    suffixes = path.suffixes
+    return ".jsonl" in suffixes or ".ndjson" in suffixes
+
+
+def iter_lines(path: Path, max_lines: int | None = None) -> Iterator[tuple[str, int]]:
+    """Yield (text, bytes_read_so_far) for each non-blank document of the corpus.
+
+    Plain text gives one document per line; ``.jsonl`` takes each record's ``text`` field.
+    ``bytes_read_so_far`` is measured on the file as stored (compressed for .gz), for progress.
+    """
+    jsonl = _is_jsonl(path)
+    raw = open(path, "rb")
+    stream = gzip.open(raw, "rb") if path.suffix == ".gz" else raw
+    n = 0
+    try:
+        for lineno, bline in enumerate(stream, start=1):
+            try:
+                line = bline.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno} is not valid UTF-8") from None
+            if jsonl:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{lineno} is not a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: the 'text' field is not a string")
+                text = text.strip()
+            else:
+                text = line.strip()
+            if not text:
+                continue
+            yield text, raw.tell()
+            n += 1
+            if max_lines is not None and n >= max_lines:
+                return
+    except (OSError, EOFError) as e:
+        raise UserError(f"could not read {path}: {e}") from None
+    finally:
+        stream.close()
+        raw.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def load_tokenizer(name: str):
+    """Load a fast tokenizer from a local folder (or the local cache) without touching the network."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
+        raise UserError(f"could not load a tokenizer from {name!r} ({type(e).__name__}); "
+                        "give a local folder with tokenizer files") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"the tokenizer at {name!r} has no fast (Rust) implementation")
+    return tok
+
+
+def wrapping_ids(tok) -> tuple[int, int]:
+    """The ids that start and end every sequence: cls/sep where defined (BERT, RoBERTa), else bos/eos."""
+    start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    if start is None or end is None:
+        raise UserError("the tokenizer defines neither cls/sep nor bos/eos tokens to wrap sequences in")
+    return int(start), int(end)
+
+
+def vocab_fingerprint(tok) -> str:
+    """A short hash of the token -> id map: two tokenizers with the same fingerprint encode alike."""
+    items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def special_token_ids(tok) -> dict[str, int]:
+    out = {}
+    for name in ("cls_token", "sep_token", "bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
+        tid = getattr(tok, f"{name}_id", None)
+        if tid is not None:
+            out[name] = int(tid)
+    return out
+
+
+# Worker state: each process loads the tokenizer once.
+_worker_tok = None
+_worker_wrap: tuple[int, int] = (0, 0)
+
+
+def _init_worker(tokenizer_name: str) -> None:
+    global _worker_tok, _worker_wrap
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_tok = load_tokenizer(tokenizer_name)
+    _worker_wrap = wrapping_ids(_worker_tok)
+
+
+def _encode_batch(texts: list[str], dtype_str: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize a batch of lines; return (flat ids, lengths) ready to append."""
+    enc = _worker_tok(texts, add_special_tokens=False, return_attention_mask=False,
+                      return_token_type_ids=False)["input_ids"]
+    start, end = _worker_wrap
+    lengths = np.fromiter((len(ids) + 2 for ids in enc), dtype=np.int64, count=len(enc))
+    flat = np.empty(int(lengths.sum()), dtype=dtype_str)
+    pos = 0
+    for ids in enc:
+        flat[pos] = start
+        flat[pos + 1:pos + 1 + len(ids)] = ids
+        flat[pos + 1 + len(ids)] = end
+        pos += len(ids) + 2
+    return flat, lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class BinarizeResult:
+    path: Path
+    num_sequences: int
+    num_tokens: int
+    seconds: float
+
+
+def _describe_name(name: str) -> str:
+    """A local folder is recorded as an absolute path, so the record means the same from anywhere."""
+    p = Path(name)
+    return str(p.resolve()) if p.exists() else str(name)
+
+
+def _batches(lines: Iterator[tuple[str, int]], batch_lines: int) -> Iterator[tuple[list[str], int]]:
+    batch: list[str] = []
+    pos = 0
+    for text, pos in lines:
+        batch.append(text)
+        if len(batch) == batch_lines:
+            yield batch, pos
+            batch = []
+    if batch:
+        yield batch, pos
+
+
+def binarize(
+    file_path: str | Path,
+    tokenizer_name: str,
+    dump_path: str | Path,
+    *,
+    tokenizer_type: str = "auto",
+    num_workers: int = 1,
+    seed: int = 56,
+    shuffle: bool = True,
+    max_lines: int | None = None,
+    batch_lines: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BinarizeResult:
+    """Binarize ``file_path`` into the dataset folder ``dump_path`` (see the module docstring).
+
+    With ``shuffle`` (the default, as DistilBERT's script did) the sequences are stored in an order
+    drawn from ``seed``; the output is identical for a seed whatever ``num_workers`` is.
+    """
+    src = Path(file_path)
+    dst = Path(dump_path)
+    check_text_file(src)
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists; pass --overwrite to replace it, or choose another --dump_file")
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"{dst} exists and is not a dataset folder; refusing to replace it")
+    tok = load_tokenizer(tokenizer_name)
+    start_id, end_id = wrapping_ids(tok)
+    vocab_size = len(tok)
+    dtype = token_dtype(vocab_size)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        n_seq, n_tok = _write_tokens(src, tokenizer_name, tmp, dtype, num_workers, max_lines,
+                                     batch_lines, progress)
+        if n_seq == 0:
+            raise UserError(f"{src} holds no text (every line is blank)")
+        if shuffle:
+            _shuffle_in_place(tmp, dtype, seed)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer_name": _describe_name(tokenizer_name),
+            "tokenizer_type": tokenizer_type,
+            "tokenizer_class": type(tok).__name__,
+            "vocab_size": vocab_size,
+            "vocab_fingerprint": vocab_fingerprint(tok),
+            "special_token_ids": special_token_ids(tok),
+            "start_id": start_id,
+            "end_id": end_id,
+            "dtype": dtype.name,
+            "num_sequences": n_seq,
+            "num_tokens": n_tok,
+            "seed": seed,
+            "shuffled": shuffle,
+            "source": {"name": src.name, "path": str(src.resolve()), "size": src.stat().st_size},
+            "max_lines": max_lines,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if dst.exists():  # --overwrite: swap the new folder in, then drop the old one
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BinarizeResult(dst, n_seq, n_tok, time.perf_counter() - t0)
+
+
+def _write_tokens(src: Path, tokenizer_name: str, out_dir: Path, dtype: np.dtype, num_workers: int,
+                  max_lines: int | None, batch_lines: int, progress: bool) -> tuple[int, int]:
+    from tqdm import tqdm
+
+    total = src.stat().st_size
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="binarizing", disable=not progress)
+    lengths_chunks: list[np.ndarray] = []
+    n_tok = 0
+    batches = _batches(iter_lines(src, max_lines), batch_lines)
+    done_bytes = 0
+
+    with open(out_dir / TOKENS_FILE, "wb") as fout:
+        def consume(flat: np.ndarray, lengths: np.ndarray, pos: int) -> None:
+            nonlocal n_tok, done_bytes
+            fout.write(flat.tobytes())
+            lengths_chunks.append(lengths)
+            n_tok += len(flat)
+            bar.update(pos - done_bytes)
+            done_bytes = pos
+
+        if num_workers <= 1:
+            _init_worker(tokenizer_name)
+            for texts, pos in batches:
+                consume(*_encode_batch(texts, dtype.name), pos)
+        else:
+            # A bounded window of pending batches, consumed in order: memory stays flat and the
+            # output does not depend on scheduling (Pool.imap would read the whole corpus ahead).
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
+                pending: collections.deque = collections.deque()
+                for texts, pos in batches:
+                    pending.append((pool.apply_async(_encode_batch, (texts, dtype.name)), pos))
+                    if len(pending) >= 2 * num_workers:
+                        res, p = pending.popleft()
+                        consume(*res.get(), p)
+                while pending:
+                    res, p = pending.popleft()
+                    consume(*res.get(), p)
+    bar.close()
+    lengths = np.concatenate(lengths_chunks) if lengths_chunks else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(out_dir / OFFSETS_FILE, offsets)
+    return len(lengths), n_tok
+
+
+def _shuffle_in_place(folder: Path, dtype: np.dtype, seed: int, block_tokens: int = 1 << 24) -> None:
+    """Rewrite tokens.bin with its sequences in a seeded random order, a block at a time."""
+    offsets = np.load(folder / OFFSETS_FILE)
+    n = len(offsets) - 1
+    order = np.random.default_rng(seed).permutation(n)
+    lengths = np.diff(offsets)[order]
+    new_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    src = np.memmap(folder / TOKENS_FILE, dtype=dtype, mode="r")
+    tmp_path = folder / (TOKENS_FILE + ".shuffled")
+    with open(tmp_path, "wb") as fout:
+        i = 0
+        while i < n:
+            # Take as many sequences as fit in one block (at least one), gather them with one index.
+            j = int(np.searchsorted(new_offsets, new_offsets[i] + block_tokens, side="right")) - 1
+            j = min(max(j, i + 1), n)
+            starts = offsets[order[i:j]]
+            lens = lengths[i:j]
+            # index of every token: start of its sequence + its position inside the sequence
+            seq_start_in_block = np.repeat(new_offsets[i:j] - new_offsets[i], lens)
+            within = np.arange(int(lens.sum()), dtype=np.int64) - seq_start_in_block
+            idx = np.repeat(starts, lens) + within
+            fout.write(np.asarray(src[idx]).tobytes())
+            i = j
+    del src
+    os.replace(tmp_path, folder / TOKENS_FILE)
+    np.save(folder / OFFSETS_FILE, new_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a dataset folder back
+
+
+def read_meta(path: str | Path) -> dict:
+    folder = Path(path)
+    meta_path = folder / META_FILE
+    if not folder.exists():
+        raise UserError(f"data file {folder} does not exist; create it with scripts/binarized_data.py")
+    if not meta_path.is_file():
+        raise UserError(f"{folder} is not a binarized dataset (no {META_FILE}); "
+                        "create it with scripts/binarized_data.py")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{meta_path} is not valid JSON; binarize the corpus again") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{folder} was written by an incompatible version of binarized_data.py")
+    return meta
+
+
+def open_tokens(path: str | Path) -> tuple[np.memmap, np.ndarray, dict]:
+    """Memory-map a dataset folder: (tokens, offsets, meta). Nothing is read into RAM but the index."""
+    folder = Path(path)
+    meta = read_meta(folder)
+    tokens_path = folder / TOKENS_FILE
+    dtype = np.dtype(meta["dtype"])
+    expected = meta["num_tokens"] * dtype.itemsize
+    if not tokens_path.is_file() or tokens_path.stat().st_size != expected:
+        raise UserError(f"{tokens_path} is missing or truncated; binarize the corpus again")
+    tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(meta["num_tokens"],))
+    offsets = np.load(folder / OFFSETS_FILE, mmap_mode="r")
+    if len(offsets) != meta["num_sequences"] + 1 or int(offsets[-1]) != meta["num_tokens"]:
+        raise UserError(f"{folder / OFFSETS_FILE} does not match {META_FILE}; binarize the corpus again")
+    return tokens, np.asarray(offsets), meta
