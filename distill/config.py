@@ -1,0 +1,197 @@
+"""The one training config: every field documented, defaults < --config file < command line.
+
+Flag names and defaults follow DistilBERT's original ``train.py`` (they are public API); the
+fields added here say so. ``TrainConfig.validate()`` checks everything that needs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UserError
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # -- run -------------------------------------------------------------------------------------
+    dump_path: str = _f(None, "folder for the run's outputs (required)")
+    force: bool = _f(False, "start over in a non-empty --dump_path, deleting what is there")
+    data_file: str = _f(None, "dataset folder written by scripts/binarized_data.py (required)")
+    config: str = _f(None, "YAML or JSON file of flag values; the command line overrides it")
+    # -- models ----------------------------------------------------------------------------------
+    student_type: str = _f(None, "student family: bert, distilbert, roberta, gpt2, llama or auto (required)")
+    student_config: str = _f(None, "student config.json (optional with --student_pretrained_weights)")
+    student_pretrained_weights: str = _f(None, "initial student: a folder written by scripts/extract.py")
+    teacher_type: str = _f(None, "teacher family: bert, distilbert, roberta, gpt2, llama or auto (required)")
+    teacher_name: str = _f(None, "teacher: a local model folder or a .gguf file (required)")
+    # -- losses ----------------------------------------------------------------------------------
+    temperature: float = _f(2.0, "softmax temperature of the soft-target loss")
+    alpha_ce: float = _f(0.5, "weight of the soft-target (KL) loss on logits")
+    alpha_mlm: float = _f(0.0, "weight of the MLM loss (with --mlm)")
+    alpha_clm: float = _f(0.5, "weight of the causal LM loss (without --mlm)")
+    alpha_mse: float = _f(0.0, "weight of the MSE between student and teacher logits")
+    alpha_cos: float = _f(0.0, "weight of the cosine loss between hidden states")
+    alpha_hidden_mse: float = _f(0.0, "weight of the MSE between hidden states (added here)")
+    layer_map: str = _f(None, "hidden-state pairs 'student:teacher,...' (1-based; default: uniform; added here)")
+    hidden_projection: str = _f("auto", "auto: a learned linear map when widths differ; none: refuse "
+                                        "different widths (added here)", choices=["auto", "none"])
+    restrict_ce_to_mask: bool = _f(False, "soft-target and logit MSE losses only on masked positions")
+    # -- MLM -------------------------------------------------------------------------------------
+    mlm: bool = _f(False, "masked LM objective (else causal LM)")
+    mlm_mask_prop: float = _f(0.15, "share of tokens chosen for MLM")
+    word_mask: float = _f(0.8, "share of chosen tokens replaced by the mask token")
+    word_keep: float = _f(0.1, "share of chosen tokens kept")
+    word_rand: float = _f(0.1, "share of chosen tokens replaced by a random token")
+    mlm_smoothing: float = _f(0.7, "chosen with probability proportional to count ** -mlm_smoothing")
+    token_counts: str = _f(None, "token counts .npy from scripts/token_counts.py (MLM; default: uniform)")
+    # -- student initialisation ------------------------------------------------------------------
+    freeze_pos_embs: bool = _f(False, "freeze the student's position embeddings")
+    freeze_token_type_embds: bool = _f(False, "freeze the student's token type embeddings")
+    initializer_range: float = _f(0.02, "std of the student's random initialisation (without pretrained weights)")
+    # -- optimisation ----------------------------------------------------------------------------
+    n_epoch: int = _f(3, "epochs")
+    max_steps: int = _f(None, "stop after this many optimizer steps (added here)")
+    batch_size: int = _f(5, "sequences per micro-batch (per process)")
+    group_by_size: bool = _f(True, "batches of similar lengths (on by default; --no_group_by_size turns it off)")
+    gradient_accumulation_steps: int = _f(50, "micro-batches per optimizer step")
+    warmup_prop: float = _f(0.05, "share of the steps with a linear learning-rate warm-up")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and LayerNorm weights)")
+    learning_rate: float = _f(5e-4, "peak learning rate")
+    adam_epsilon: float = _f(1e-6, "AdamW epsilon")
+    max_grad_norm: float = _f(5.0, "gradient clipping norm (0: no clipping)")
+    max_model_input_size: int = _f(512, "longest input; longer sequences are cut into chunks (added here)")
+    max_bad_steps: int = _f(10, "stop after this many consecutive steps with a NaN/Inf loss (added here)")
+    # -- precision and devices -------------------------------------------------------------------
+    fp16: bool = _f(False, "fp16 autocast with a gradient scaler (GPU)")
+    fp16_opt_level: str = _f("O1", "apex's level; accepted for compatibility, torch.amp is used instead")
+    bf16: bool = _f(False, "bf16 autocast (CPU and GPU; added here)")
+    n_gpu: int = _f(1, "GPUs to use (0: CPU)")
+    local_rank: int = _f(-1, "set by the launcher; accepted for compatibility")
+    seed: int = _f(56, "random seed")
+    # -- logging ---------------------------------------------------------------------------------
+    log_interval: int = _f(500, "optimizer steps between logs")
+    checkpoint_interval: int = _f(4000, "optimizer steps between checkpoints")
+    num_workers: int = _f(0, "DataLoader worker processes (added here)")
+
+    def validate(self) -> None:
+        """Everything that can be checked before loading a model; one sentence per problem."""
+        for name in ("dump_path", "data_file", "student_type", "teacher_type", "teacher_name"):
+            if getattr(self, name) in (None, ""):
+                raise UserError(f"--{name} is required")
+        if self.student_config is None and self.student_pretrained_weights is None:
+            raise UserError("give --student_config or --student_pretrained_weights")
+        for name in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must not be negative")
+        if self.objective_alphas_sum() == 0:
+            raise UserError("all loss weights are zero; set at least one of --alpha_ce, --alpha_mlm (with --mlm), "
+                            "--alpha_clm, --alpha_mse, --alpha_cos")
+        if self.temperature <= 0:
+            raise UserError("--temperature must be positive")
+        if self.mlm:
+            if abs(self.word_mask + self.word_keep + self.word_rand - 1.0) > 1e-6:
+                raise UserError("--word_mask + --word_keep + --word_rand must add up to 1")
+            if not 0 < self.mlm_mask_prop <= 1:
+                raise UserError("--mlm_mask_prop must be in (0, 1]")
+            if self.mlm_smoothing < 0:
+                raise UserError("--mlm_smoothing must not be negative")
+        elif self.restrict_ce_to_mask:
+            raise UserError("--restrict_ce_to_mask needs --mlm (there is no mask in causal LM)")
+        for name in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("--max_steps must be at least 1")
+        if not 0 <= self.warmup_prop < 1:
+            raise UserError("--warmup_prop must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise UserError("--learning_rate must be positive")
+        if self.fp16 and self.bf16:
+            raise UserError("choose one of --fp16 and --bf16")
+        if self.max_model_input_size < 3:
+            raise UserError("--max_model_input_size must be at least 3")
+
+    def objective_alphas_sum(self) -> float:
+        lm = self.alpha_mlm if self.mlm else self.alpha_clm
+        return self.alpha_ce + lm + self.alpha_mse + self.alpha_cos + self.alpha_hidden_mse
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing: defaults < file < command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Distil a teacher language model into a student (flags follow DistilBERT's train.py).",
+        argument_default=argparse.SUPPRESS,  # only what was typed reaches the namespace
+    )
+    for f in fields(TrainConfig):
+        flag = f"--{f.name}"
+        help_ = f.metadata["help"]
+        if f.type == "bool" or isinstance(f.default, bool):
+            if f.name == "group_by_size":
+                p.add_argument(flag, action="store_true", help=help_)
+                p.add_argument("--no_group_by_size", dest="group_by_size", action="store_false",
+                               help="batches of random lengths")
+            else:
+                p.add_argument(flag, action="store_true", help=help_)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+        p.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{help_} (default: {f.default})",
+                       choices=f.metadata.get("choices"))
+    return p
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise their own error types
+        raise UserError(f"could not parse config file {p}: {type(e).__name__}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of flag names to values")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"config file {p} has unknown keys: {', '.join(unknown)}")
+    return data
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
+    """Return the resolved config and the names the user set (in the file or on the command line)."""
+    ns = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in ns:
+        values.update(_read_config_file(ns["config"]))
+    values.update(ns)
+    types = {f.name: f for f in fields(TrainConfig)}
+    for k, v in list(values.items()):  # file values get the same types as flags
+        default = types[k].default
+        if v is not None and isinstance(default, bool) and not isinstance(v, bool):
+            raise UserError(f"config key {k} must be true or false")
+        if v is not None and isinstance(default, float) and isinstance(v, int):
+            values[k] = float(v)
+    cfg = TrainConfig(**values)
+    return cfg, set(values)

@@ -1,0 +1,322 @@
+"""The Distiller: teacher and student on the same batch, the weighted losses, one optimizer step.
+
+An optimizer step is ``gradient_accumulation_steps`` micro-batches. Every loss is a sum over
+the positions it covers (distill.losses); the step divides each by the number of positions that
+carry it summed over all the step's micro-batches, once. So 4 micro-batches of 2 give the same
+update as 1 batch of 8 whatever their lengths. Those counts are read from the CPU batch before
+anything runs on the device, so they cost no synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from distill import losses as L
+from distill.config import TrainConfig
+from distill.data.collate import IGNORE_INDEX, Collator
+from distill.data.dataset import LMSeqsDataset
+from distill.data.sampler import LengthGroupedBatchSampler
+from distill.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "hidden_mse")
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive optimizer steps had a NaN or Inf loss."""
+
+
+@dataclass
+class StepResult:
+    skipped: bool  # the loss was NaN/Inf: gradients dropped, no update
+    loss: torch.Tensor  # 0-dim, on the device: the weighted loss of the step
+    parts: dict[str, torch.Tensor]  # each enabled loss, normalised, on the device
+    tokens: int  # real (non-padding) tokens in the step
+    grad_norm: torch.Tensor | None = None
+
+
+@dataclass
+class LogWindow:
+    """Running sums between two log lines; read (and synchronised) only on logging steps."""
+
+    steps: int = 0
+    loss: float | torch.Tensor = 0.0
+    parts: dict = field(default_factory=dict)
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class Distiller:
+    def __init__(self, cfg: TrainConfig, student: nn.Module, teacher: nn.Module, dataset: LMSeqsDataset,
+                 collator: Collator, device: torch.device, *, student_objective: str,
+                 layer_map: list[tuple[int, int]] | None = None, projection: nn.Module | None = None,
+                 on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable[[int], None] | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.student = student.to(device).train()
+        self.teacher = teacher.to(device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.mlm = student_objective == "mlm"
+        self.alphas = {
+            "ce": cfg.alpha_ce,
+            "mlm": cfg.alpha_mlm if self.mlm else 0.0,
+            "clm": 0.0 if self.mlm else cfg.alpha_clm,
+            "mse": cfg.alpha_mse,
+            "cos": cfg.alpha_cos,
+            "hidden_mse": cfg.alpha_hidden_mse,
+        }
+        self.enabled = [k for k in LOSS_NAMES if self.alphas[k] > 0]
+        self.need_teacher_logits = self.alphas["ce"] > 0 or self.alphas["mse"] > 0
+        self.need_hidden = self.alphas["cos"] > 0 or self.alphas["hidden_mse"] > 0
+        self.layer_map = layer_map
+        self.projection = projection.to(device) if projection is not None else None
+
+        self.dataset = dataset
+        self.collator = collator
+        self.sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, seed=cfg.seed,
+                                                 group_by_size=cfg.group_by_size)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
+                                                  num_workers=cfg.num_workers)
+        steps_per_epoch = math.ceil(len(self.sampler) / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.n_epoch * steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.learning_rate, eps=cfg.adam_epsilon,
+                                           betas=(0.9, 0.98))
+        warmup = int(cfg.warmup_prop * self.total_steps)
+        total = self.total_steps
+
+        def lr_lambda(step: int) -> float:  # linear warm-up, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+
+        # Mixed precision lives here: autocast for the forwards, a scaler for fp16 only.
+        self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+
+        self.on_log = on_log
+        self.on_checkpoint = on_checkpoint
+        self.global_step = 0
+        self.epoch = 0
+        self.bad_steps = 0
+        self.last_good_step = 0
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        if self.projection is not None:
+            named += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
+        return named
+
+    def _param_groups(self) -> list[dict]:
+        # As DistilBERT: no weight decay on biases and LayerNorm weights.
+        def no_decay(name: str) -> bool:
+            return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "norm." in name
+
+        named = self._trainable()
+        return [
+            {"params": [p for n, p in named if not no_decay(n)], "weight_decay": self.cfg.weight_decay},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+        ]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # -- one optimizer step --------------------------------------------------------------------
+
+    def loss_counts(self, batch: dict) -> dict[str, int]:
+        """Positions carrying each loss in a CPU batch (no device work, no sync)."""
+        attn = batch["attention_mask"]
+        labels = batch.get("labels")
+        real = int(attn.sum())
+        ce_positions = int((labels != IGNORE_INDEX).sum()) if self.cfg.restrict_ce_to_mask else real
+        out = {"ce": ce_positions, "mse": ce_positions, "cos": real, "hidden_mse": real}
+        if labels is not None:
+            out["mlm"] = int((labels != IGNORE_INDEX).sum())
+            out["clm"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return {k: out.get(k, 0) for k in self.enabled}
+
+    def teacher_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Only what the enabled losses need: logits, hidden states, or hidden states alone
+        (then the vocabulary projection is skipped by running the base model)."""
+        with torch.inference_mode(), self._autocast():
+            if self.need_teacher_logits:
+                out = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=self.need_hidden)
+                logits, hidden = out.logits, out.hidden_states
+            else:
+                out = self.teacher.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                              output_hidden_states=True)
+                logits, hidden = None, out.hidden_states
+        if hidden is not None:
+            # Autograd may not save inference tensors; the cosine/MSE backward saves the teacher's
+            # side, so the layers that are matched become ordinary tensors (a (B, L, H) copy each).
+            used = {t for _, t in self.layer_map}
+            hidden = tuple(h.clone() if i in used else h for i, h in enumerate(hidden))
+        return logits, hidden
+
+    def loss_sums(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward teacher and student on one micro-batch; each enabled loss as a sum."""
+        input_ids = batch["input_ids"]
+        attention_mask = batch["attention_mask"]
+        labels = batch.get("labels")
+        t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)
+        with self._autocast():
+            s_out = self.student(input_ids=input_ids, attention_mask=attention_mask,
+                                 output_hidden_states=self.need_hidden)
+        s_logits = s_out.logits  # (B, L, V)
+        mask = attention_mask.bool()  # (B, L)
+        ce_mask = (labels != IGNORE_INDEX) if self.cfg.restrict_ce_to_mask else mask
+        sums = {}
+        for name in self.enabled:
+            if name == "ce":
+                sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=ce_mask)
+            elif name == "mse":
+                sums[name] = L.logits_mse(s_logits, t_logits, mask=ce_mask)
+            elif name == "mlm":
+                sums[name] = L.lm_ce(s_logits, labels)
+            elif name == "clm":
+                sums[name] = L.clm_ce(s_logits, labels)
+            elif name == "cos":
+                sums[name] = L.multi_layer_cosine(s_out.hidden_states, t_hidden, self.layer_map, mask,
+                                                  self.projection)
+            elif name == "hidden_mse":
+                sums[name] = L.multi_layer_mse(s_out.hidden_states, t_hidden, self.layer_map, mask,
+                                               self.projection)
+        return sums
+
+    def step(self, micro_batches: list[dict]) -> StepResult:
+        """Forward and backward over the micro-batches of one optimizer step, then optimize()."""
+        totals = {k: 0 for k in self.enabled}
+        tokens = 0
+        for b in micro_batches:
+            for k, n in self.loss_counts(b).items():
+                totals[k] += n
+            tokens += int(b["attention_mask"].sum())
+        loss_total = torch.zeros((), device=self.device)
+        parts = {k: torch.zeros((), device=self.device) for k in self.enabled}
+        for b in micro_batches:
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            sums = self.loss_sums(b)
+            loss = torch.zeros((), device=self.device)
+            for k, s in sums.items():
+                term = s / max(totals[k], 1)  # normalised once, over the whole step
+                parts[k] += term.detach()
+                loss = loss + self.alphas[k] * term
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_total += loss.detach()
+        # The NaN/Inf guard is the step's one host sync.
+        if not bool(torch.isfinite(loss_total)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(True, loss_total, parts, tokens)
+        grad_norm = self.optimize()
+        return StepResult(False, loss_total, parts, tokens, grad_norm)
+
+    def optimize(self) -> torch.Tensor | None:
+        """Unscale (fp16), clip, step the optimizer and the schedule, clear the gradients."""
+        params = [p for _, p in self._trainable()]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself if the scaled grads overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self, progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.global_step, desc="distilling", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        window = LogWindow()
+        while self.global_step < self.total_steps and self.epoch < cfg.n_epoch:
+            self.sampler.set_epoch(self.epoch)
+            self.collator.epoch = self.epoch  # part of the masking seed
+            batches = iter(self.loader)
+            while self.global_step < self.total_steps:
+                micro = list(islice(batches, cfg.gradient_accumulation_steps))
+                if not micro:
+                    break
+                res = self.step(micro)
+                self.global_step += 1
+                bar.update(1)
+                if res.skipped:
+                    self._on_bad_step()
+                    continue
+                self.bad_steps = 0
+                self.last_good_step = self.global_step
+                window.steps += 1
+                window.loss = window.loss + res.loss
+                for k, v in res.parts.items():
+                    window.parts[k] = window.parts.get(k, 0.0) + v
+                window.tokens += res.tokens
+                if self.global_step % cfg.log_interval == 0 or self.global_step == self.total_steps:
+                    record = self._log_record(window, res)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    if self.on_log is not None:
+                        self.on_log(record)
+                    window = LogWindow()
+                if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval == 0:
+                    self.on_checkpoint(self.global_step)
+            else:
+                break  # max steps reached inside the epoch
+            self.epoch += 1
+        bar.close()
+
+    def _on_bad_step(self) -> None:
+        self.bad_steps += 1
+        logger.warning("step %d: the loss is NaN or Inf; its gradients were dropped (%d in a row)",
+                       self.global_step, self.bad_steps)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"training stopped at step {self.global_step}: {self.bad_steps} consecutive steps had a NaN or Inf "
+                f"loss; the student as of step {self.last_good_step} is saved")
+
+    def _log_record(self, window: LogWindow, last: StepResult) -> dict:
+        elapsed = time.perf_counter() - window.t0
+        n = max(window.steps, 1)
+        record = {
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "loss": float(window.loss) / n,  # the host sync, on logging steps only
+            **{f"loss_{k}": float(v) / n for k, v in window.parts.items()},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": None if last.grad_norm is None else float(last.grad_norm),
+            "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+            "time": time.time(),
+        }
+        return record
+
+
+def write_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

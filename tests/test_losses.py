@@ -1,0 +1,588 @@
+"""Tests for distill.losses against torch.nn.functional / hand computations (CPU, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import (
+    HiddenProjection,
+    clm_ce,
+    clm_count,
+    count_positions,
+    default_layer_map,
+    hidden_cosine,
+    hidden_mse,
+    lm_ce,
+    lm_count,
+    logits_mse,
+    multi_layer_cosine,
+    multi_layer_mse,
+    parse_layer_map,
+    soft_target_ce,
+)
+
+B, L, V, H = 2, 5, 11, 7
+N = B * L
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(seed: int = 0, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(seed)
+    return torch.randn(B, L, V, generator=g) * scale, torch.randn(B, L, V, generator=g) * scale
+
+
+def _mask(kind: str) -> torch.Tensor | None:
+    """None (all), sparse (gather path), dense (compute-all-then-zero path), all, empty."""
+    if kind == "none":
+        return None
+    m = torch.zeros(B, L, dtype=torch.bool)
+    if kind == "sparse":  # 3 of 10 selected
+        m[0, 1] = m[1, 0] = m[1, 4] = True
+    elif kind == "dense":  # 8 of 10 selected
+        m[:] = True
+        m[0, 4] = m[1, 2] = False
+    elif kind == "all":
+        m[:] = True
+    elif kind == "int01":  # 0/1 integer mask, 6 of 10
+        return torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]])
+    elif kind != "empty":
+        raise AssertionError(kind)
+    return m
+
+
+MASKS = ["none", "sparse", "dense", "all", "int01"]
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if mask is None else x[mask.reshape(-1).bool()]
+
+
+def _ref_kl(s, t, T, mask):
+    s, t = _rows(s, mask).float(), _rows(t, mask).float()
+    return F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="sum") * T**2
+
+
+def _ref_mse(s, t, mask):
+    return F.mse_loss(_rows(s, mask).float(), _rows(t, mask).float(), reduction="sum")
+
+
+def _ref_cos(s, t, mask):
+    s, t = _rows(s, mask).float(), _rows(t, mask).float()
+    return F.cosine_embedding_loss(s, t, torch.ones(s.shape[0]), reduction="sum")
+
+
+def _ref_hmse(s, t, mask):
+    s, t = _rows(s, mask).float(), _rows(t, mask).float()
+    return ((s - t) ** 2).mean(-1).sum()
+
+
+def _grad(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (g,) = torch.autograd.grad(out, x)
+    return out.detach(), g
+
+
+# --------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+def test_soft_target_ce_matches_kl_div(mask_kind, T):
+    s, t = _logits()
+    m = _mask(mask_kind)
+    out = soft_target_ce(s, t, T, mask=m)
+    assert out.dim() == 0 and out.dtype == torch.float32
+    torch.testing.assert_close(out, _ref_kl(s, t, T, m), rtol=1e-5, atol=1e-5)
+    assert out.item() > 0.1  # a real, non-trivial value
+
+
+def test_soft_target_ce_flat_and_identical_inputs():
+    s, t = _logits()
+    flat = soft_target_ce(s.reshape(N, V), t.reshape(N, V), 2.0)
+    torch.testing.assert_close(flat, soft_target_ce(s, t, 2.0))
+    # KL of a distribution with itself is zero.
+    assert soft_target_ce(s, s.clone(), 3.0).abs().item() < 1e-5
+
+
+def test_soft_target_ce_is_not_symmetric():
+    # Guards against computing KL(p_s || p_t) instead of KL(p_t || p_s).
+    s, t = _logits(3)
+    assert not torch.allclose(soft_target_ce(s, t, 1.0), soft_target_ce(t, s, 1.0))
+
+
+def test_soft_target_ce_teacher_minus_inf_is_finite():
+    s, t = _logits()
+    t[..., :3] = float("-inf")  # e.g. teacher vocabulary padding
+    out, g = _grad(lambda x: soft_target_ce(x, t, 2.0), s)
+    assert torch.isfinite(out) and torch.isfinite(g).all()
+    torch.testing.assert_close(out, _ref_kl(s, t, 2.0, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_lm_ce_matches_cross_entropy(mask_kind):
+    s, _ = _logits()
+    labels = torch.randint(0, V, (B, L), generator=_gen(1))
+    m = _mask(mask_kind)
+    if m is not None:
+        labels[~m.bool()] = -100
+    out = lm_ce(s, labels)
+    ref = F.cross_entropy(s.reshape(N, V), labels.reshape(N), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert lm_count(labels).item() == (labels != -100).sum().item()
+
+
+def test_lm_ce_custom_ignore_index_and_flat():
+    s, _ = _logits()
+    labels = torch.randint(0, V, (N,), generator=_gen(2))
+    labels[[1, 4]] = -1
+    out = lm_ce(s.reshape(N, V), labels, ignore_index=-1)
+    ref = F.cross_entropy(s.reshape(N, V), labels, ignore_index=-1, reduction="sum")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert lm_count(labels, ignore_index=-1).item() == N - 2
+
+
+def test_clm_ce_matches_manual_shift():
+    s, _ = _logits()
+    labels = torch.randint(0, V, (B, L), generator=_gen(3))
+    labels[1, 3:] = -100  # right padding
+    out = clm_ce(s, labels)
+    total, count = 0.0, 0
+    for b in range(B):
+        for i in range(L - 1):
+            y = labels[b, i + 1].item()
+            if y == -100:
+                continue
+            total += -torch.log_softmax(s[b, i].double(), -1)[y].item()
+            count += 1
+    assert out.item() == pytest.approx(total, rel=1e-5)
+    assert clm_count(labels).item() == count == 6
+    # The shifted-label trick must not change the unshifted F.cross_entropy answer.
+    ref = F.cross_entropy(
+        s[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_logits_mse_matches_mse_loss(mask_kind):
+    s, t = _logits()
+    m = _mask(mask_kind)
+    torch.testing.assert_close(logits_mse(s, t, m), _ref_mse(s, t, m), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_hidden_cosine_matches_cosine_embedding_loss(mask_kind):
+    s, t = _logits(4)  # any (B, L, F) works; reuse
+    m = _mask(mask_kind)
+    torch.testing.assert_close(hidden_cosine(s, t, m), _ref_cos(s, t, m), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_hidden_mse_is_mean_over_h(mask_kind):
+    s, t = _logits(5)
+    m = _mask(mask_kind)
+    out = hidden_mse(s, t, m)
+    torch.testing.assert_close(out, _ref_hmse(s, t, m), rtol=1e-5, atol=1e-5)
+    # Mean over H, so it is the summed MSE divided by the width.
+    torch.testing.assert_close(out, _ref_mse(s, t, m) / V, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_cosine_zero_vector_is_finite():
+    s, t = _logits(6)
+    s[0, 0] = 0.0
+    out, g = _grad(lambda x: hidden_cosine(x, t), s)
+    assert torch.isfinite(out) and torch.isfinite(g).all()
+    torch.testing.assert_close(out, _ref_cos(s, t, None), rtol=1e-5, atol=1e-5)
+
+
+def test_counts():
+    s, _ = _logits()
+    assert count_positions(None, s).item() == N
+    assert count_positions(None, s.reshape(N, V)).item() == N
+    assert count_positions(_mask("sparse"), s).item() == 3
+    assert count_positions(_mask("int01"), s).item() == 6
+
+
+# --------------------------------------------------------------------------- gradients
+
+FUSED = {
+    "kl": (lambda s, t, m, **kw: soft_target_ce(s, t, 2.0, mask=m, **kw), lambda s, t, m: _ref_kl(s, t, 2.0, m)),
+    "mse": (lambda s, t, m, **kw: logits_mse(s, t, mask=m, **kw), _ref_mse),
+}
+HIDDEN = {
+    "cos": (lambda s, t, m: hidden_cosine(s, t, m), _ref_cos),
+    "hmse": (lambda s, t, m: hidden_mse(s, t, m), _ref_hmse),
+}
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("name", sorted({**FUSED, **HIDDEN}))
+def test_gradients_match_reference(name, mask_kind):
+    fn, ref = {**FUSED, **HIDDEN}[name]
+    s, t = _logits(7)
+    m = _mask(mask_kind)
+    out, g = _grad(lambda x: fn(x, t, m), s)
+    ref_out, ref_g = _grad(lambda x: ref(x, t, m), s)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-5)
+    if m is not None:  # unselected rows get exactly zero gradient
+        assert (g[~m.bool()] == 0).all()
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_ce_gradients_match_reference(mask_kind):
+    s, _ = _logits(8)
+    labels = torch.randint(0, V, (B, L), generator=_gen(9))
+    m = _mask(mask_kind)
+    if m is not None:
+        labels[~m.bool()] = -100
+    out, g = _grad(lambda x: lm_ce(x, labels), s)
+    ref_out, ref_g = _grad(
+        lambda x: F.cross_entropy(x.reshape(N, V), labels.reshape(N), reduction="sum"), s
+    )
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+    out, g = _grad(lambda x: clm_ce(x, labels), s)
+    ref_out, ref_g = _grad(
+        lambda x: F.cross_entropy(
+            x[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum"
+        ),
+        s,
+    )
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scales_with_upstream_and_retain_graph():
+    s, t = _logits(10)
+    x = s.clone().requires_grad_(True)
+    loss = soft_target_ce(x, t, 2.0)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss * 3.0, x)
+    torch.testing.assert_close(g3, 3.0 * g1)
+
+
+def test_combined_losses_accumulate_on_same_logits():
+    s, t = _logits(11)
+    labels = torch.randint(0, V, (B, L), generator=_gen(12))
+    _, g = _grad(lambda x: 0.5 * soft_target_ce(x, t, 2.0) + 0.25 * lm_ce(x, labels), s)
+    _, ref_g = _grad(
+        lambda x: 0.5 * _ref_kl(x, t, 2.0, None)
+        + 0.25 * F.cross_entropy(x.reshape(N, V), labels.reshape(N), reduction="sum"),
+        s,
+    )
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_not_modified():
+    # The fused kernels overwrite their fp32 working copies; the caller's tensors must survive.
+    s, t = _logits(13)
+    s0, t0 = s.clone(), t.clone()
+    labels = torch.randint(0, V, (B, L), generator=_gen(14))
+    for m in (None, _mask("sparse"), _mask("dense")):
+        x = s.clone().requires_grad_(True)
+        (soft_target_ce(x, t, 2.0, m) + logits_mse(x, t, m) + lm_ce(x, labels)).backward()
+        assert torch.equal(x.detach(), s0)
+        soft_target_ce(s, t, 0.5, m, chunk_size=3)
+        logits_mse(s, t, m)
+        lm_ce(s, labels)
+    assert torch.equal(s, s0) and torch.equal(t, t0)
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "sparse", "dense"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 100])
+def test_chunked_equals_unchunked(chunk_size, mask_kind):
+    s, t = _logits(15)
+    m = _mask(mask_kind)
+    labels = torch.randint(0, V, (B, L), generator=_gen(16))
+    cases = [
+        lambda x, **kw: soft_target_ce(x, t, 2.0, m, **kw),
+        lambda x, **kw: logits_mse(x, t, m, **kw),
+        lambda x, **kw: lm_ce(x, labels, **kw),
+        lambda x, **kw: clm_ce(x, labels, **kw),
+    ]
+    for fn in cases:
+        out, g = _grad(lambda x: fn(x), s)
+        out_c, g_c = _grad(lambda x: fn(x, chunk_size=chunk_size), s)
+        torch.testing.assert_close(out_c, out, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(g_c, g, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def _all_losses(s, t, m):
+    labels = torch.randint(0, V, (B, L), generator=_gen(17))
+    labels_m = labels.masked_fill(~m.bool(), -100)
+    return {
+        "kl": soft_target_ce(s, t, 2.0, m),
+        "kl_chunked": soft_target_ce(s, t, 2.0, m, chunk_size=2),
+        "lm": lm_ce(s, labels_m),
+        "clm": clm_ce(s, torch.full_like(labels, -100)),
+        "mse": logits_mse(s, t, m),
+        "cos": hidden_cosine(s, t, m),
+        "hmse": hidden_mse(s, t, m),
+        "ml_cos": multi_layer_cosine((s, s), (t, t), [(1, 1)], m),
+        "ml_mse": multi_layer_mse((s, s), (t, t), [(0, 1), (1, 0)], m),
+    }
+
+
+@pytest.mark.parametrize("empty", [torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, L)])
+def test_empty_mask_is_exact_zero_with_working_backward(empty):
+    s, t = _logits(18)
+    s[0, 0, 0] = float("nan")  # an exact zero must not depend on the (ignored) values
+    x = s.clone().requires_grad_(True)
+    losses = _all_losses(x, t, empty)
+    for name, loss in losses.items():
+        assert loss.dim() == 0 and loss.dtype == torch.float32, name
+        assert loss.item() == 0.0, name
+        assert loss.requires_grad, name
+    sum(losses.values()).backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_empty_mask_without_grad():
+    s, t = _logits(19)
+    m = torch.zeros(B, L, dtype=torch.bool)
+    assert soft_target_ce(s, t, 1.0, m).item() == 0.0
+    assert hidden_cosine(s, t, m).item() == 0.0
+
+
+def test_teacher_gets_no_grad():
+    s, t = _logits(20)
+    x = s.clone().requires_grad_(True)
+    y = t.clone().requires_grad_(True)
+    proj = HiddenProjection(V, V, 1, force=True)
+    total = (
+        soft_target_ce(x, y, 2.0)
+        + logits_mse(x, y, _mask("sparse"))
+        + hidden_cosine(x, y)
+        + hidden_mse(x, y, _mask("dense"))
+        + multi_layer_cosine((x,), (y,), [(0, 0)], projection=proj)
+        + multi_layer_mse((x,), (y,), [(0, 0)])
+    )
+    total.backward()
+    assert y.grad is None
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_no_grad_mode_and_no_requires_grad():
+    s, t = _logits(21)
+    with torch.no_grad():
+        a = soft_target_ce(s.clone().requires_grad_(True), t, 2.0)
+    b = soft_target_ce(s, t, 2.0)
+    assert not a.requires_grad and not b.requires_grad
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "sparse", "dense"])
+def test_low_precision_inputs_computed_in_fp32(mask_kind):
+    s, t = _logits(22)
+    m = _mask(mask_kind)
+    s16, t16 = s.bfloat16(), t.half()  # student and teacher dtypes differ
+    labels = torch.randint(0, V, (B, L), generator=_gen(23))
+    cases = [
+        (lambda x: soft_target_ce(x, t16, 2.0, m), lambda x: _ref_kl(x, t16.float(), 2.0, m)),
+        (lambda x: logits_mse(x, t16, m), lambda x: _ref_mse(x, t16.float(), m)),
+        (lambda x: hidden_cosine(x, t16, m), lambda x: _ref_cos(x, t16.float(), m)),
+        (lambda x: hidden_mse(x, t16, m), lambda x: _ref_hmse(x, t16.float(), m)),
+        (
+            lambda x: lm_ce(x, labels),
+            lambda x: F.cross_entropy(x.reshape(N, V).float(), labels.reshape(N), reduction="sum"),
+        ),
+    ]
+    for fn, ref in cases:
+        out, g = _grad(fn, s16)
+        assert out.dtype == torch.float32 and g.dtype == torch.bfloat16
+        # Same answer as the fp32 computation on the upcast values...
+        ref_out, ref_g = _grad(ref, s16.float())
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g.float(), ref_g, rtol=1e-2, atol=1e-2)
+        # ...and close to the full-precision inputs' answer.
+        full = ref(s)
+        assert out.item() == pytest.approx(full.item(), rel=2e-2, abs=1e-2)
+
+
+def test_shape_errors():
+    s, t = _logits()
+    with pytest.raises(ValueError, match="same shape"):
+        soft_target_ce(s, t[..., :-1], 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        soft_target_ce(s, t, 0.0)
+    with pytest.raises(ValueError, match="mask"):
+        logits_mse(s, t, torch.ones(B, L + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="labels"):
+        lm_ce(s, torch.zeros(B, L + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="clm_ce"):
+        clm_ce(s.reshape(N, V), torch.zeros(N, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- layer maps
+
+
+@pytest.mark.parametrize(
+    "n_s, n_t, expected",
+    [
+        (3, 6, [(1, 2), (2, 4), (3, 6)]),
+        (6, 12, [(i, 2 * i) for i in range(1, 7)]),
+        (2, 2, [(1, 1), (2, 2)]),
+        (4, 6, [(1, 2), (2, 3), (3, 5), (4, 6)]),  # 1.5 -> 2, 4.5 -> 5 (half up)
+        (1, 12, [(1, 12)]),
+        (3, 1, [(1, 1), (2, 1), (3, 1)]),
+        (6, 4, [(1, 1), (2, 1), (3, 2), (4, 3), (5, 3), (6, 4)]),
+    ],
+)
+def test_default_layer_map(n_s, n_t, expected):
+    assert default_layer_map(n_s, n_t) == expected
+
+
+@pytest.mark.parametrize("n_s, n_t", [(4, 12), (5, 24), (7, 32), (12, 12), (2, 3)])
+def test_default_layer_map_properties(n_s, n_t):
+    pairs = default_layer_map(n_s, n_t)
+    assert [p[0] for p in pairs] == list(range(1, n_s + 1))
+    teach = [p[1] for p in pairs]
+    assert teach[-1] == n_t and all(1 <= x <= n_t for x in teach)
+    assert teach == sorted(teach)
+    for i, t in pairs:
+        assert abs(t - i * n_t / n_s) <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, None])
+def test_default_layer_map_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="positive integer"):
+        default_layer_map(bad, 6)
+
+
+def test_parse_layer_map():
+    assert parse_layer_map("1:2,2:4,3:6") == [(1, 2), (2, 4), (3, 6)]
+    assert parse_layer_map(" 1 : 2 , 0:0 ") == [(1, 2), (0, 0)]
+    assert parse_layer_map("3:6", n_student=3, n_teacher=6) == [(3, 6)]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("1:2,", "bad layer map entry"),
+        ("1-2", "bad layer map entry"),
+        ("1:2:3", "bad layer map entry"),
+        ("a:b", "bad layer map entry"),
+        ("1:2.5", "bad layer map entry"),
+        ("-1:2", ">= 0"),
+        ("1:2,1:2", "twice"),
+        ("4:2", "student layer 4"),
+        ("1:7", "teacher layer 7"),
+    ],
+)
+def test_parse_layer_map_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_layer_map(text, n_student=3, n_teacher=6)
+
+
+# --------------------------------------------------------------------------- projection / multi-layer
+
+
+def _hiddens(n_layers: int, width: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = _gen(seed)
+    return tuple(torch.randn(B, L, width, generator=g) for _ in range(n_layers + 1))
+
+
+def test_projection_identity_and_shapes():
+    ident = HiddenProjection(H, H, 2)
+    assert ident.is_identity and sum(p.numel() for p in ident.parameters()) == 0
+    forced = HiddenProjection(H, H, 2, force=True)
+    x = torch.randn(B, L, H)
+    for out in forced([x, x]):
+        torch.testing.assert_close(out, x)
+    wide = HiddenProjection(H, 2 * H, 3)
+    outs = wide([torch.randn(B, L, H) for _ in range(3)])
+    assert [tuple(o.shape) for o in outs] == [(B, L, 2 * H)] * 3
+    with pytest.raises(ValueError, match="3 layer pairs"):
+        wide([x])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "sparse", "dense"])
+def test_multi_layer_matches_mean_of_single_layer(mask_kind):
+    sh, th = _hiddens(3, H, 24), _hiddens(6, H, 25)
+    m = _mask(mask_kind)
+    layer_map = default_layer_map(3, 6)
+    for multi, single in ((multi_layer_cosine, hidden_cosine), (multi_layer_mse, hidden_mse)):
+        out = multi(sh, th, layer_map, m)
+        ref = sum(single(sh[i], th[j], m) for i, j in layer_map) / len(layer_map)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_layer_with_projection_matches_manual():
+    sh, th = _hiddens(2, 4, 26), _hiddens(4, 6, 27)
+    layer_map = [(1, 2), (2, 4)]
+    proj = HiddenProjection(4, 6, 2)
+    m = _mask("sparse")
+    out = multi_layer_cosine(sh, th, layer_map, m, projection=proj)
+    projected = proj([sh[1], sh[2]])
+    ref = (_ref_cos(projected[0], th[2], m) + _ref_cos(projected[1], th[4], m)) / 2
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_layer_errors():
+    sh, th = _hiddens(2, 4, 28), _hiddens(4, 6, 29)
+    with pytest.raises(ValueError, match="HiddenProjection"):
+        multi_layer_cosine(sh, th, [(1, 2)])
+    with pytest.raises(ValueError, match="teacher layer 5 is out of range"):
+        multi_layer_mse(sh, th, [(1, 5)], projection=HiddenProjection(4, 6, 1))
+    with pytest.raises(ValueError, match="student layer 3 is out of range"):
+        multi_layer_cosine(sh, th, [(3, 2)], projection=HiddenProjection(4, 6, 1))
+    with pytest.raises(ValueError, match="projection maps"):
+        multi_layer_cosine(sh, th, [(1, 2), (2, 4)], projection=HiddenProjection(4, 6, 1))
+    with pytest.raises(ValueError, match="empty"):
+        multi_layer_cosine(sh, th, [])
+
+
+def test_empty_mask_reaches_projection_params():
+    sh, th = _hiddens(2, 4, 30), _hiddens(4, 6, 31)
+    proj = HiddenProjection(4, 6, 2)
+    loss = multi_layer_cosine(sh, th, [(1, 2), (2, 4)], torch.zeros(B, L), projection=proj)
+    assert loss.item() == 0.0
+    loss.backward()
+    for p in proj.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_projection_trains_with_unequal_widths():
+    torch.manual_seed(0)
+    g = _gen(32)
+    # Teacher hidden states are a fixed linear function of the student's, so a
+    # projection can learn to align them.
+    student = tuple(torch.randn(B, L, 4, generator=g) for _ in range(3))
+    w = torch.randn(4, 9, generator=g)
+    teacher = tuple(torch.randn(B, L, 9, generator=g) for _ in range(5))
+    teacher = teacher[:2] + (student[1] @ w,) + teacher[3:4] + (student[2] @ w,)
+    layer_map = [(1, 2), (2, 4)]
+    proj = HiddenProjection(4, 9, len(layer_map))
+    opt = torch.optim.SGD(proj.parameters(), lr=0.5)
+    mask = _mask("dense")
+    n = count_positions(mask, student[0]).item()
+    losses = []
+    for _ in range(30):
+        loss = multi_layer_cosine(student, teacher, layer_map, mask, projection=proj) / n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1])
+    assert losses[-1] < 0.2 * losses[0]
+    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:]))
