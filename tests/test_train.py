@@ -381,3 +381,26 @@ def test_freeze_pos_embs_keeps_them(world, tmp_path):
     assert torch.equal(trained.state_dict()[pe], fresh.state_dict()[pe])
     we = "distilbert.embeddings.word_embeddings.weight"
     assert not torch.equal(trained.state_dict()[we], fresh.state_dict()[we])
+
+
+def test_bf16_run_on_cpu(world, tmp_path):
+    dump = tmp_path / "run"
+    assert train.main(mlm_args(world, dump, "--n_epoch", "8", "--bf16")) == 0
+    first, last = first_last([r["loss_mlm"] for r in metrics(dump)])
+    assert np.isfinite(last) and last < first - 0.3
+    # the student is kept in fp32 (autocast only), so it saves and reloads as fp32
+    assert AutoModelForMaskedLM.from_pretrained(dump).dtype == torch.float32
+
+
+def test_fp16_needs_a_gpu(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refused(mlm_args(world, tmp_path / "r", "--fp16"), capsys, "--fp16 needs a GPU")
+    refused(mlm_args(world, tmp_path / "r", "--fp16", "--bf16"), capsys, "choose one of --fp16 and --bf16")
+
+
+def test_log_and_checkpoint_intervals_count_optimizer_steps(world, tmp_path):
+    dump = tmp_path / "run"
+    assert train.main(mlm_args(world, dump, "--gradient_accumulation_steps", "2", "--batch_size", "2",
+                               "--max_steps", "6", "--log_interval", "3", "--checkpoint_interval", "4")) == 0
+    assert [r["step"] for r in metrics(dump)] == [3, 6]
+    assert (dump / "checkpoint" / "model.safetensors").is_file()

@@ -78,10 +78,19 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def load_teacher(cfg: TrainConfig) -> M.LoadedModel:
-    name = Path(cfg.teacher_name)
-    if name.suffix == ".gguf":
-        return M.load_model(cfg.teacher_type, name)
-    return M.load_model(cfg.teacher_type, cfg.teacher_name)
+    from transformers.utils import logging as hf_logging
+
+    # transformers prints a table of newly initialised weights; we detect them and say it in one line.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        loaded = M.load_model(cfg.teacher_type, cfg.teacher_name)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if loaded.lm_head_initialized:
+        note(f"the teacher {cfg.teacher_name} has no LM head in its checkpoint: only the hidden-state losses "
+             "(--alpha_cos, --alpha_hidden_mse) can use it")
+    return loaded
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")

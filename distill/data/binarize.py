@@ -341,7 +341,7 @@ def _write_tokens(src: Path, tokenizer_name: str, out_dir: Path, dtype: np.dtype
     return len(lengths), n_tok
 
 
-def _shuffle_in_place(folder: Path, dtype: np.dtype, seed: int, block_tokens: int = 1 << 24) -> None:
+def _shuffle_in_place(folder: Path, dtype: np.dtype, seed: int, block_tokens: int = 1 << 20) -> None:
     """Rewrite tokens.bin with its sequences in a seeded random order, a block at a time."""
     offsets = np.load(folder / OFFSETS_FILE)
     n = len(offsets) - 1
