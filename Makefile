@@ -22,6 +22,11 @@ $(STAMP): setup.py requirements.txt
 		echo "no GPU: installing the CPU build of torch"; $(BIN)/pip install -q "torch==2.13.0"; \
 	fi
 	$(BIN)/pip install -q -e ".[demo,test]"
+	@# The demo corpus (Debian's bible-kjv) for the demo and the real-corpus tests; best effort here,
+	@# the demo itself says what to do if it cannot be installed.
+	@command -v bible >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bible-kjv) >/dev/null 2>&1; } || \
+		echo "note: Debian's bible-kjv is not installed; the real-corpus tests will be skipped"
 	touch $@
 
 demo: $(STAMP)
