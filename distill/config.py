@@ -80,6 +80,9 @@ class TrainConfig:
     # -- logging ---------------------------------------------------------------------------------
     log_interval: int = _f(500, "optimizer steps between logs")
     checkpoint_interval: int = _f(4000, "optimizer steps between checkpoints")
+    keep_checkpoints: int = _f(3, "checkpoints kept in --dump_path/checkpoints (added here)")
+    resume: str = _f(None, "resume from the latest checkpoint in --dump_path, or from the checkpoint folder "
+                           "given (added here)")
     num_workers: int = _f(0, "DataLoader worker processes (added here)")
 
     def validate(self) -> None:
@@ -107,7 +110,7 @@ class TrainConfig:
         elif self.restrict_ce_to_mask:
             raise UserError("--restrict_ce_to_mask needs --mlm (there is no mask in causal LM)")
         for name in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval",
-                     "max_bad_steps"):
+                     "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
@@ -118,8 +121,13 @@ class TrainConfig:
             raise UserError("--learning_rate must be positive")
         if self.fp16 and self.bf16:
             raise UserError("choose one of --fp16 and --bf16")
-        if self.max_model_input_size < 3:
-            raise UserError("--max_model_input_size must be at least 3")
+        if self.max_model_input_size < 12:
+            raise UserError("--max_model_input_size must be at least 12 (shorter examples are dropped)")
+        for name in ("num_workers", "adam_epsilon", "initializer_range", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must not be negative")
+        if not 0 <= self.seed < 2**32:
+            raise UserError("--seed must be in [0, 2**32)")
 
     def objective_alphas_sum(self) -> float:
         lm = self.alpha_mlm if self.mlm else self.alpha_clm
@@ -150,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 p.add_argument(flag, action="store_true", help=help_)
             continue
+        if f.name == "resume":
+            p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", help=help_)
+            continue
         kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
         p.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{help_} (default: {f.default})",
                        choices=f.metadata.get("choices"))
@@ -179,6 +190,29 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+def _coerce(key: str, kind: str, v: Any) -> Any:
+    if v is None:
+        return None
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise UserError(f"config key {key} must be true or false")
+        return v
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UserError(f"config key {key} must be an integer")
+        return v
+    if kind == "float":
+        if isinstance(v, bool):
+            raise UserError(f"config key {key} must be a number")
+        try:
+            return float(v)  # YAML reads 5e-4 as a string
+        except (TypeError, ValueError):
+            raise UserError(f"config key {key} must be a number") from None
+    if not isinstance(v, str):
+        raise UserError(f"config key {key} must be a string")
+    return v
+
+
 def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     """Return the resolved config and the names the user set (in the file or on the command line)."""
     ns = vars(build_parser().parse_args(argv))
@@ -186,12 +220,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     if "config" in ns:
         values.update(_read_config_file(ns["config"]))
     values.update(ns)
-    types = {f.name: f for f in fields(TrainConfig)}
+    types = {f.name: str(f.type).replace(" | None", "") for f in fields(TrainConfig)}
     for k, v in list(values.items()):  # file values get the same types as flags
-        default = types[k].default
-        if v is not None and isinstance(default, bool) and not isinstance(v, bool):
-            raise UserError(f"config key {k} must be true or false")
-        if v is not None and isinstance(default, float) and isinstance(v, int):
-            values[k] = float(v)
+        values[k] = _coerce(k, types[k], v)
     cfg = TrainConfig(**values)
     return cfg, set(values)

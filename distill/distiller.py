@@ -38,6 +38,10 @@ class TrainingDiverged(UserError):
     """Too many consecutive optimizer steps had a NaN or Inf loss."""
 
 
+class TrainingStopped(Exception):
+    """A stop was requested (SIGTERM/SIGINT); a checkpoint was saved first."""
+
+
 @dataclass
 class StepResult:
     skipped: bool  # the loss was NaN/Inf: gradients dropped, no update
@@ -88,8 +92,11 @@ class Distiller:
         self.collator = collator
         self.sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, seed=cfg.seed,
                                                  group_by_size=cfg.group_by_size)
+        # Its own generator: each iter() of a DataLoader draws a seed, which would otherwise come from
+        # the global RNG (dropout's) and make a resumed run draw one number more than a straight one.
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
-                                                  num_workers=cfg.num_workers)
+                                                  num_workers=cfg.num_workers,
+                                                  generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch = math.ceil(len(self.sampler) / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.n_epoch * steps_per_epoch
         if cfg.max_steps is not None:
@@ -115,8 +122,12 @@ class Distiller:
         self.on_checkpoint = on_checkpoint
         self.global_step = 0
         self.epoch = 0
+        self.batches_in_epoch = 0  # micro-batches of this epoch consumed: the sampler position
+        self._resume_position: int | None = None
         self.bad_steps = 0
         self.last_good_step = 0
+        self.window = LogWindow()
+        self.stop_requested: str | None = None  # set by a signal handler; honoured after the step
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -225,21 +236,29 @@ class Distiller:
                 loss = loss + self.alphas[k] * term
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_total += loss.detach()
-        # The NaN/Inf guard is the step's one host sync.
-        if not bool(torch.isfinite(loss_total)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return StepResult(True, loss_total, parts, tokens)
-        grad_norm = self.optimize()
-        return StepResult(False, loss_total, parts, tokens, grad_norm)
+        grad_norm = self.optimize(loss_total)
+        return StepResult(grad_norm is None, loss_total, parts, tokens, grad_norm)
 
-    def optimize(self) -> torch.Tensor | None:
-        """Unscale (fp16), clip, step the optimizer and the schedule, clear the gradients."""
+    def optimize(self, loss_total: torch.Tensor) -> torch.Tensor | None:
+        """Unscale (fp16), clip, guard, step the optimizer and the schedule, clear the gradients.
+
+        Returns the gradient norm, or None when the step was dropped: a NaN/Inf loss, or (without
+        fp16's scaler, which skips overflowing steps itself) a NaN/Inf gradient.
+        """
         params = [p for _, p in self._trainable()]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        # With max_grad_norm 0 the norm is still measured (an infinite threshold clips nothing).
+        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        finite = torch.isfinite(loss_total)
+        if self.scaler is None:
+            finite = finite & torch.isfinite(grad_norm)
+        if not bool(finite):  # the guard is the step's one host sync
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # the unscale_ above must be closed by an update
+            return None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself if the scaled grads overflowed
             self.scaler.update()
@@ -257,40 +276,111 @@ class Distiller:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="distilling", unit="step",
                    disable=not progress, dynamic_ncols=True)
-        window = LogWindow()
+        self.window.t0 = time.perf_counter()
         while self.global_step < self.total_steps and self.epoch < cfg.n_epoch:
-            self.sampler.set_epoch(self.epoch)
+            if self._resume_position is None:
+                self.sampler.set_epoch(self.epoch)
+                self.batches_in_epoch = 0
+            else:  # continue the interrupted epoch with its very next batch
+                self.sampler.load_state_dict(self.sampler.state_dict() | {"epoch": self.epoch,
+                                                                          "position": self._resume_position})
+                self.batches_in_epoch = self._resume_position
+                self._resume_position = None
             self.collator.epoch = self.epoch  # part of the masking seed
             batches = iter(self.loader)
+            epoch_done = False
             while self.global_step < self.total_steps:
                 micro = list(islice(batches, cfg.gradient_accumulation_steps))
                 if not micro:
+                    epoch_done = True
                     break
+                self.batches_in_epoch += len(micro)
                 res = self.step(micro)
                 self.global_step += 1
                 bar.update(1)
-                if res.skipped:
-                    self._on_bad_step()
-                    continue
-                self.bad_steps = 0
-                self.last_good_step = self.global_step
-                window.steps += 1
-                window.loss = window.loss + res.loss
-                for k, v in res.parts.items():
-                    window.parts[k] = window.parts.get(k, 0.0) + v
-                window.tokens += res.tokens
-                if self.global_step % cfg.log_interval == 0 or self.global_step == self.total_steps:
-                    record = self._log_record(window, res)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    if self.on_log is not None:
-                        self.on_log(record)
-                    window = LogWindow()
-                if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval == 0:
-                    self.on_checkpoint(self.global_step)
-            else:
+                self._after_step(res)
+            if not epoch_done:
                 break  # max steps reached inside the epoch
             self.epoch += 1
+            self.batches_in_epoch = 0
+            if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
+                self.on_checkpoint(self.global_step)  # end of epoch (unless just saved)
         bar.close()
+
+    def _after_step(self, res: StepResult) -> None:
+        from distill.checkpoint import _fault
+
+        cfg = self.cfg
+        _fault(f"after_step_{self.global_step}")
+        if res.skipped:
+            self._on_bad_step()
+        else:
+            self.bad_steps = 0
+            self.last_good_step = self.global_step
+            w = self.window
+            w.steps += 1
+            w.loss = w.loss + res.loss
+            for k, v in res.parts.items():
+                w.parts[k] = w.parts.get(k, 0.0) + v
+            w.tokens += res.tokens
+            if self.global_step % cfg.log_interval == 0 or self.global_step == self.total_steps:
+                record = self._log_record(w, res)
+                if self.on_log is not None:
+                    self.on_log(record)
+                self.window = LogWindow()
+        if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval == 0:
+            self.on_checkpoint(self.global_step)
+        if self.stop_requested is not None:
+            if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
+                self.on_checkpoint(self.global_step)
+            raise TrainingStopped(self.stop_requested)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything that decides the rest of the run (the teacher excepted: it is fixed)."""
+        from distill.checkpoint import rng_state
+
+        w = self.window
+        return {
+            "student": self.student.state_dict(),
+            "projection": None if self.projection is None else self.projection.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "bad_steps": self.bad_steps,
+            "last_good_step": self.last_good_step,
+            "sampler": self.sampler.state_dict(position=self.batches_in_epoch),
+            # the partial log window, so the first log line after a resume is the same
+            "window": {"steps": w.steps, "loss": float(w.loss), "tokens": w.tokens,
+                       "parts": {k: float(v) for k, v in w.parts.items()}},
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        from distill.checkpoint import set_rng_state
+
+        self.student.load_state_dict(state["student"])
+        if self.projection is not None:
+            self.projection.load_state_dict(state["projection"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.bad_steps = state["bad_steps"]
+        self.last_good_step = state["last_good_step"]
+        self.sampler.load_state_dict(state["sampler"])  # checks seed, global batch, dataset size
+        self._resume_position = state["batches_in_epoch"]
+        w = state["window"]
+        self.window = LogWindow(steps=w["steps"], loss=torch.tensor(w["loss"], device=self.device),
+                                parts={k: torch.tensor(v, device=self.device) for k, v in w["parts"].items()},
+                                tokens=w["tokens"])
+        set_rng_state(state["rng"])
 
     def _on_bad_step(self) -> None:
         self.bad_steps += 1

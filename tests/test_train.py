@@ -403,4 +403,40 @@ def test_log_and_checkpoint_intervals_count_optimizer_steps(world, tmp_path):
     assert train.main(mlm_args(world, dump, "--gradient_accumulation_steps", "2", "--batch_size", "2",
                                "--max_steps", "6", "--log_interval", "3", "--checkpoint_interval", "4")) == 0
     assert [r["step"] for r in metrics(dump)] == [3, 6]
-    assert (dump / "checkpoint" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (dump / "checkpoints").iterdir()) == ["latest", "step_00000004"]
+
+
+def test_nan_gradient_with_a_finite_loss_is_dropped(world):
+    d, ds, coll = make_distiller(world, accumulation=1, batch_size=4)
+    before = [p.detach().clone() for p in d.student.parameters()]
+    hook = next(d.student.parameters()).register_hook(lambda g: g * float("nan"))
+    res = d.step([coll([ds[i] for i in range(4)])])
+    assert res.skipped and torch.isfinite(res.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, d.student.parameters()))
+    hook.remove()
+    assert not d.step([coll([ds[i] for i in range(4)])]).skipped
+
+
+def test_config_file_types_are_checked(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("learning_rate: 5e-4\n")  # YAML reads this as a string
+    assert parse_config(["--config", str(f)])[0].learning_rate == 5e-4
+    for bad, match in (("temperature: two", "must be a number"), ("max_steps: 2.5", "must be an integer"),
+                       ("mlm: 1", "true or false"), ("dump_path: [1]", "must be a string")):
+        f.write_text(bad + "\n")
+        with pytest.raises(UserError, match=match):
+            parse_config(["--config", str(f)])
+
+
+def test_more_refusals(world, tmp_path, capsys):
+    refused(mlm_args(world, tmp_path / "r", "--batch_size", "100000"), capsys, "fewer than one batch",
+            tmp_path / "r")
+    refused(mlm_args(world, tmp_path / "r", "--num_workers", "-1"), capsys, "--num_workers must not be negative")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_type": "distilbert", "dim": 33, "n_heads": 4, "vocab_size": world["V"]}))
+    refused(mlm_args(world, tmp_path / "r", "--student_config", str(bad)), capsys, "not a valid distilbert config")
+    dump = tmp_path / "r2"
+    dump.mkdir()
+    (dump / "my.yaml").write_text("temperature: 2.0\n")
+    refused(mlm_args(world, dump, "--force", "--config", str(dump / "my.yaml")), capsys, "lies inside")
+    assert (dump / "my.yaml").exists()

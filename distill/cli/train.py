@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from distill import checkpoint as C
 from distill import losses as L
 from distill import models as M
 from distill.config import TrainConfig, parse_config
@@ -22,7 +24,7 @@ from distill.data.binarize import vocab_fingerprint
 from distill.data.collate import Collator, mlm_token_probs
 from distill.data.counts import load_token_counts
 from distill.data.dataset import LMSeqsDataset
-from distill.distiller import Distiller, TrainingDiverged, write_jsonl
+from distill.distiller import Distiller, TrainingDiverged, TrainingStopped, write_jsonl
 from distill.errors import UserError, cli_entry
 
 logger = logging.getLogger("distill")
@@ -58,9 +60,13 @@ def prepare_dump_path(cfg: TrainConfig) -> Path:
         raise UserError(f"--dump_path {dump} exists and is not a folder")
     if dump.exists() and any(dump.iterdir()):
         if not cfg.force:
+            if C.list_checkpoints(dump):
+                raise UserError(f"--dump_path {dump} holds checkpoints of a run: add --resume to continue it, "
+                                "or --force to delete it and start over")
             raise UserError(f"--dump_path {dump} is not empty; pass --force to delete its contents and start over")
         # Never delete the inputs themselves.
-        for name in ("data_file", "teacher_name", "student_pretrained_weights", "student_config", "token_counts"):
+        for name in ("data_file", "teacher_name", "student_pretrained_weights", "student_config", "token_counts",
+                     "config"):
             value = getattr(cfg, name)
             if value and _is_within(Path(value), dump):
                 raise UserError(f"--{name} {value} lies inside --dump_path {dump}; --force would delete it")
@@ -127,8 +133,15 @@ def build_student(cfg: TrainConfig) -> M.LoadedModel:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the random initialisation is reproducible
-    model = M.build_model(cfg.student_type, {**_read_json(cfg.student_config),
-                                             "initializer_range": cfg.initializer_range})
+    values = _read_json(cfg.student_config)
+    if not isinstance(values, dict):
+        raise UserError(f"--student_config {cfg.student_config} must hold a JSON object")
+    try:
+        model = M.build_model(cfg.student_type, {**values, "initializer_range": cfg.initializer_range})
+    except (ValueError, TypeError) as e:  # transformers' config validation
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--student_config {cfg.student_config} is not a valid {cfg.student_type} config: "
+                        f"{first}") from None
     return M.LoadedModel(model=model, objective=M.model_objective(model))
 
 
@@ -270,10 +283,14 @@ def main(argv=None) -> int:
     student = build_student(cfg)
     tok = teacher_tokenizer(cfg)
     check_compatibility(cfg, teacher, student, dataset, tok)
-    max_pos = M.max_positions(student.model.config)
-    if max_pos is not None and cfg.max_model_input_size > max_pos:
-        raise UserError(f"--max_model_input_size {cfg.max_model_input_size} exceeds the student's "
-                        f"{max_pos} positions")
+    for who, loaded in (("student", student), ("teacher", teacher)):
+        max_pos = M.max_positions(loaded.model.config)
+        if max_pos is not None and cfg.max_model_input_size > max_pos:
+            raise UserError(f"--max_model_input_size {cfg.max_model_input_size} exceeds the {who}'s "
+                            f"{max_pos} positions")
+    if len(dataset) < cfg.batch_size:
+        raise UserError(f"{cfg.data_file} has {len(dataset)} examples, fewer than one batch of --batch_size "
+                        f"{cfg.batch_size}")
     layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
     freeze(cfg, student.model)
 
@@ -294,7 +311,17 @@ def main(argv=None) -> int:
         collator = Collator(pad_id, causal=True, seed=cfg.seed)
 
     # Everything checked: only now is anything in dump_path touched.
-    dump = prepare_dump_path(cfg)
+    if cfg.resume is not None:
+        dump = Path(cfg.dump_path)
+        if cfg.force:
+            raise UserError("--resume and --force contradict each other (continue the run, or delete it)")
+        if not dump.is_dir():
+            raise UserError(f"--resume: --dump_path {dump} does not exist")
+        state, ck_meta, ck_folder = C.load_for_resume(dump, cfg.resume, note)
+        check_resumable(cfg, ck_meta)
+    else:
+        dump = prepare_dump_path(cfg)
+        state = None
     (dump / "parameters.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     (dump / "git_log.json").write_text(json.dumps(git_info(), indent=2) + "\n")
     print(f"data: {dataset.stats.summary()}", flush=True)
@@ -304,8 +331,17 @@ def main(argv=None) -> int:
 
     from tensorboardX import SummaryWriter
 
-    tb = SummaryWriter(logdir=str(dump / "tensorboard"))
     metrics_path = dump / "metrics.jsonl"
+    distiller = Distiller(cfg, student.model, teacher.model, dataset, collator, device,
+                          student_objective=student.objective, layer_map=layer_map, projection=projection)
+    if state is not None:
+        distiller.load_state_dict(state)
+        truncate_metrics(metrics_path, distiller.global_step)  # lines after the checkpoint are redone
+        print(f"resumed from {ck_folder} at step {distiller.global_step} (epoch {distiller.epoch}, "
+              f"batch {distiller.batches_in_epoch})", flush=True)
+    # purge_step drops TensorBoard events logged after the checkpoint by the interrupted run
+    tb = SummaryWriter(logdir=str(dump / "tensorboard"),
+                       purge_step=distiller.global_step + 1 if state is not None else None)
 
     def on_log(record: dict) -> None:
         write_jsonl(metrics_path, record)
@@ -314,23 +350,65 @@ def main(argv=None) -> int:
                 tb.add_scalar(k if k.startswith("loss") else f"train/{k}", v, record["step"])
         tb.flush()
 
-    distiller = Distiller(cfg, student.model, teacher.model, dataset, collator, device,
-                          student_objective=student.objective, layer_map=layer_map, projection=projection,
-                          on_log=on_log,
-                          on_checkpoint=lambda step: save_student(student.model, tok, dump / "checkpoint"))
+    run_meta = {"config": cfg.to_dict(), "data": C.data_identity(cfg.data_file),
+                "teacher": C.teacher_identity(cfg.teacher_name)}
+
+    def on_checkpoint(step: int) -> None:
+        C.save_checkpoint(dump, step, distiller.state_dict(), {"step": step, "epoch": distiller.epoch, **run_meta},
+                          cfg.keep_checkpoints)
+
+    distiller.on_log = on_log
+    distiller.on_checkpoint = on_checkpoint
+    previous = {sig: signal.signal(sig, lambda signum, frame: _request_stop(distiller, signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     print(f"training for {distiller.total_steps} optimizer steps of {cfg.gradient_accumulation_steps} x "
           f"{cfg.batch_size} sequences on {device}", flush=True)
     try:
         distiller.train()
     except TrainingDiverged:
         save_student(student.model, tok, dump / "student_at_stop")
-        tb.close()
         raise
-    tb.close()
+    except TrainingStopped as stop:
+        print(f"stopped by {stop} at step {distiller.global_step}; checkpoint saved in {dump / C.CHECKPOINTS}. "
+              f"Resume with the same command plus --resume", flush=True)
+        return 0
+    finally:
+        tb.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     save_student(student.model, tok, dump / ".final")
     move_into(dump / ".final", dump)
     print(f"saved the student to {dump} (load it with from_pretrained)", flush=True)
     return 0
+
+
+def _request_stop(distiller: Distiller, signum: int) -> None:
+    name = signal.Signals(signum).name
+    if distiller.stop_requested is not None:  # a second signal: stop now
+        raise KeyboardInterrupt
+    distiller.stop_requested = name
+    print(f"\n{name}: saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
+
+
+def check_resumable(cfg: TrainConfig, ck_meta: dict) -> None:
+    harmless, bad = C.config_changes(ck_meta["config"], cfg.to_dict())
+    if bad:
+        raise UserError(f"cannot resume: the config differs from the checkpoint's in {'; '.join(bad)}")
+    if C.data_identity(cfg.data_file) != ck_meta["data"]:
+        raise UserError(f"cannot resume: {cfg.data_file} is not the data the checkpoint was trained on")
+    if C.teacher_identity(cfg.teacher_name) != ck_meta["teacher"]:
+        raise UserError(f"cannot resume: {cfg.teacher_name} is not the teacher the checkpoint was trained with")
+    for change in harmless:
+        note(f"resuming with a changed setting: {change}")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
 
 
 def _alphas(cfg: TrainConfig) -> dict[str, float]:
