@@ -375,7 +375,7 @@ class Distiller:
         self.bad_steps = state["bad_steps"]
         self.last_good_step = state["last_good_step"]
         self.sampler.load_state_dict(state["sampler"])  # checks seed, global batch, dataset size
-        self._resume_position = state["batches_in_epoch"]
+        self._resume_position = self.batches_in_epoch = state["batches_in_epoch"]
         w = state["window"]
         self.window = LogWindow(steps=w["steps"], loss=torch.tensor(w["loss"], device=self.device),
                                 parts={k: torch.tensor(v, device=self.device) for k, v in w["parts"].items()},

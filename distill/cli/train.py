@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -354,8 +355,11 @@ def main(argv=None) -> int:
                 "teacher": C.teacher_identity(cfg.teacher_name)}
 
     def on_checkpoint(step: int) -> None:
-        C.save_checkpoint(dump, step, distiller.state_dict(), {"step": step, "epoch": distiller.epoch, **run_meta},
-                          cfg.keep_checkpoints)
+        t0 = time.perf_counter()
+        folder = C.save_checkpoint(dump, step, distiller.state_dict(),
+                                   {"step": step, "epoch": distiller.epoch, **run_meta}, cfg.keep_checkpoints)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        logger.info("checkpoint %s: %.1f MB in %.2fs", folder.name, size / 1e6, time.perf_counter() - t0)
 
     distiller.on_log = on_log
     distiller.on_checkpoint = on_checkpoint
