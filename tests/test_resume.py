@@ -163,3 +163,19 @@ def test_keeps_the_last_k_checkpoints(world, straight, tmp_path):  # noqa: F811
     assert names == ["latest", "step_00000012", "step_00000014"]
     meta = json.loads((dump / "checkpoints" / "step_00000014" / "meta.json").read_text())
     assert meta["config"]["alpha_cos"] == 1.0 and meta["data"]["tokens_bytes"] > 0 and "teacher" in meta
+
+
+def test_resume_across_an_epoch_boundary(world, straight, tmp_path):  # noqa: F811
+    # 76 examples / batch 2 / 2 micro-batches: an epoch is 19 steps. Kill at 21, after the end-of-epoch
+    # checkpoint (19) and before the next interval one (24 is past the end).
+    straight2 = tmp_path / "straight"
+    extra = ("--max_steps", "23", "--checkpoint_interval", "10")
+    assert run(args_for(world, straight2, *extra)).returncode == 0
+    assert sorted(p.name for p in (straight2 / "checkpoints").iterdir()) == ["latest", "step_00000010",
+                                                                            "step_00000019", "step_00000020"]
+    dump = tmp_path / "run"
+    assert run(args_for(world, dump, *extra), fault="after_step_21").returncode == -signal.SIGKILL
+    r = run(args_for(world, dump, *extra, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "at step 20 (epoch 1, batch 2)" in r.stdout
+    assert_same_run(straight2, dump)
