@@ -95,7 +95,7 @@ class Distiller:
         # Its own generator: each iter() of a DataLoader draws a seed, which would otherwise come from
         # the global RNG (dropout's) and make a resumed run draw one number more than a straight one.
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
-                                                  num_workers=cfg.num_workers,
+                                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                                                   generator=torch.Generator().manual_seed(cfg.seed))
         steps_per_epoch = math.ceil(len(self.sampler) / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.n_epoch * steps_per_epoch
@@ -155,17 +155,30 @@ class Distiller:
 
     # -- one optimizer step --------------------------------------------------------------------
 
-    def loss_counts(self, batch: dict) -> dict[str, int]:
-        """Positions carrying each loss in a CPU batch (no device work, no sync)."""
-        attn = batch["attention_mask"]
+    def masks(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The positions each loss covers, from the CPU batch. Losses get these CPU masks, so
+        choosing their rows needs no device sync, and the step's counts come from them too."""
+        attn = batch["attention_mask"].bool()  # (B, L)
+        out = {"attn": attn}
         labels = batch.get("labels")
-        real = int(attn.sum())
-        ce_positions = int((labels != IGNORE_INDEX).sum()) if self.cfg.restrict_ce_to_mask else real
-        out = {"ce": ce_positions, "mse": ce_positions, "cos": real, "hidden_mse": real}
         if labels is not None:
-            out["mlm"] = int((labels != IGNORE_INDEX).sum())
-            out["clm"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        return {k: out.get(k, 0) for k in self.enabled}
+            out["labels"] = labels != IGNORE_INDEX  # (B, L)
+        out["ce"] = out["labels"] if self.cfg.restrict_ce_to_mask else attn
+        return out
+
+    def loss_counts(self, masks: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Positions carrying each enabled loss (see distill.losses for each loss's count)."""
+        counts = {}
+        for k in self.enabled:
+            if k in ("ce", "mse"):
+                counts[k] = int(masks["ce"].sum())
+            elif k == "mlm":
+                counts[k] = int(masks["labels"].sum())
+            elif k == "clm":
+                counts[k] = int(masks["labels"][:, 1:].sum())
+            else:  # hidden-state losses: every real position once
+                counts[k] = int(masks["attn"].sum())
+        return counts
 
     def teacher_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Only what the enabled losses need: logits, hidden states, or hidden states alone
@@ -186,8 +199,8 @@ class Distiller:
             hidden = tuple(h.clone() if i in used else h for i, h in enumerate(hidden))
         return logits, hidden
 
-    def loss_sums(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Forward teacher and student on one micro-batch; each enabled loss as a sum."""
+    def loss_sums(self, batch: dict, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward teacher and student on one micro-batch (on the device); each enabled loss as a sum."""
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         labels = batch.get("labels")
@@ -196,41 +209,38 @@ class Distiller:
             s_out = self.student(input_ids=input_ids, attention_mask=attention_mask,
                                  output_hidden_states=self.need_hidden)
         s_logits = s_out.logits  # (B, L, V)
-        mask = attention_mask.bool()  # (B, L)
-        ce_mask = (labels != IGNORE_INDEX) if self.cfg.restrict_ce_to_mask else mask
         sums = {}
         for name in self.enabled:
             if name == "ce":
-                sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=ce_mask)
+                sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"])
             elif name == "mse":
-                sums[name] = L.logits_mse(s_logits, t_logits, mask=ce_mask)
+                sums[name] = L.logits_mse(s_logits, t_logits, mask=masks["ce"])
             elif name == "mlm":
-                sums[name] = L.lm_ce(s_logits, labels)
+                sums[name] = L.lm_ce(s_logits, labels, label_mask=masks["labels"])
             elif name == "clm":
-                sums[name] = L.clm_ce(s_logits, labels)
+                sums[name] = L.clm_ce(s_logits, labels, label_mask=masks["labels"])
             elif name == "cos":
-                sums[name] = L.multi_layer_cosine(s_out.hidden_states, t_hidden, self.layer_map, mask,
+                sums[name] = L.multi_layer_cosine(s_out.hidden_states, t_hidden, self.layer_map, masks["attn"],
                                                   self.projection)
             elif name == "hidden_mse":
-                sums[name] = L.multi_layer_mse(s_out.hidden_states, t_hidden, self.layer_map, mask,
+                sums[name] = L.multi_layer_mse(s_out.hidden_states, t_hidden, self.layer_map, masks["attn"],
                                                self.projection)
         return sums
 
     def step(self, micro_batches: list[dict]) -> StepResult:
         """Forward and backward over the micro-batches of one optimizer step, then optimize()."""
+        masks = [self.masks(b) for b in micro_batches]
         totals = {k: 0 for k in self.enabled}
-        tokens = 0
-        for b in micro_batches:
-            for k, n in self.loss_counts(b).items():
+        for m in masks:
+            for k, n in self.loss_counts(m).items():
                 totals[k] += n
-            tokens += int(b["attention_mask"].sum())
+        tokens = sum(int(m["attn"].sum()) for m in masks)
         loss_total = torch.zeros((), device=self.device)
         parts = {k: torch.zeros((), device=self.device) for k in self.enabled}
-        for b in micro_batches:
+        for b, m in zip(micro_batches, masks):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            sums = self.loss_sums(b)
             loss = torch.zeros((), device=self.device)
-            for k, s in sums.items():
+            for k, s in self.loss_sums(b, m).items():
                 term = s / max(totals[k], 1)  # normalised once, over the whole step
                 parts[k] += term.detach()
                 loss = loss + self.alphas[k] * term

@@ -75,7 +75,10 @@ class _Rows:
         return self.count == 0
 
 
-def _select(mask: Tensor | None, n: int, leading: torch.Size) -> _Rows:
+def _select(mask: Tensor | None, n: int, leading: torch.Size, device: torch.device) -> _Rows:
+    """Which rows a loss computes on. The strategy depends on how many rows the mask selects;
+    counting them is free for a CPU mask and a host sync for a device mask, so callers that
+    have the mask on the CPU (the Distiller does: batches are built there) should pass that."""
     if mask is None:
         return _Rows(n=n, count=n)
     if mask.numel() != n:
@@ -85,13 +88,13 @@ def _select(mask: Tensor | None, n: int, leading: torch.Size) -> _Rows:
     keep = mask.reshape(n)
     if keep.dtype != torch.bool:
         keep = keep != 0
-    index = keep.nonzero().squeeze(1)  # (K,); one host sync, needed to pick the strategy
+    index = keep.nonzero().squeeze(1)  # (K,)
     count = int(index.numel())
     if count == n:
         return _Rows(n=n, count=n)
     if count < _GATHER_FRACTION * n:
-        return _Rows(n=n, count=count, index=index)
-    return _Rows(n=n, count=count, keep=keep)
+        return _Rows(n=n, count=count, index=index.to(device, non_blocking=True))
+    return _Rows(n=n, count=count, keep=keep.to(device, non_blocking=True))
 
 
 def _take(x: Tensor, rows: _Rows) -> Tensor:
@@ -233,7 +236,7 @@ def _fused(
     chunk_size: int | None,
 ) -> Tensor:
     n = student.numel() // student.shape[-1] if student.shape[-1] else 0
-    rows = _select(mask, n, student.shape[:-1])
+    rows = _select(mask, n, student.shape[:-1], student.device)
     if rows.empty:
         return _connected_zero(student)
     need_grad = torch.is_grad_enabled() and student.requires_grad
@@ -331,6 +334,7 @@ def lm_ce(
     labels: Tensor,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    label_mask: Tensor | None = None,
 ) -> Tensor:
     """Token cross-entropy summed over positions whose label is not ``ignore_index``.
 
@@ -340,6 +344,8 @@ def lm_ce(
         logits: (B, L, V) or (N, V), any float dtype.
         labels: (B, L) or (N,) integer class ids, ``ignore_index`` where no loss applies.
         chunk_size: rows processed at a time; None = all at once.
+        label_mask: ``labels != ignore_index``, given when it is already at hand on the CPU
+            (saves a host sync when the labels live on a GPU); None = computed from labels.
 
     Returns:
         0-dim float32 sum, equal to ``F.cross_entropy(..., reduction="sum")``.
@@ -350,7 +356,8 @@ def lm_ce(
             f"labels must have the leading shape of logits, got logits {tuple(logits.shape)} "
             f"and labels {tuple(labels.shape)}."
         )
-    return _fused(logits, labels, _ce_kernel, labels != ignore_index, chunk_size)
+    mask = labels != ignore_index if label_mask is None else label_mask
+    return _fused(logits, labels, _ce_kernel, mask, chunk_size)
 
 
 def clm_ce(
@@ -358,12 +365,14 @@ def clm_ce(
     labels: Tensor,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    label_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal LM cross-entropy, summed: ``logits[:, :-1]`` predict ``labels[:, 1:]``.
 
     Args:
         logits: (B, L, V).
         labels: (B, L), ``ignore_index`` where no loss applies (e.g. padding).
+        label_mask: (B, L) ``labels != ignore_index`` (unshifted), e.g. on the CPU; see lm_ce.
 
     Returns:
         0-dim float32 sum. Count: :func:`clm_count` ``(labels, ignore_index)``.
@@ -377,7 +386,11 @@ def clm_ce(
     # would force a copy of the whole (B, L, V) tensor.
     shifted = torch.full_like(labels, ignore_index)  # (B, L); last position predicts nothing
     shifted[:, :-1] = labels[:, 1:]
-    return lm_ce(logits, shifted, ignore_index=ignore_index, chunk_size=chunk_size)
+    shifted_mask = None
+    if label_mask is not None:
+        shifted_mask = torch.zeros_like(label_mask, dtype=torch.bool)
+        shifted_mask[:, :-1] = label_mask[:, 1:]
+    return lm_ce(logits, shifted, ignore_index=ignore_index, chunk_size=chunk_size, label_mask=shifted_mask)
 
 
 def logits_mse(
@@ -430,7 +443,7 @@ def _hidden_loss(
     _check_pair(student, teacher, "hidden states")
     s2 = _flatten(student, "student_hidden")  # (N, H)
     t2 = _flatten(teacher.detach(), "teacher_hidden")
-    rows = _select(mask, s2.shape[0], student.shape[:-1])
+    rows = _select(mask, s2.shape[0], student.shape[:-1], student.device)
     if rows.empty:
         return _connected_zero(student)
     s = _take(s2, rows).float()
@@ -638,7 +651,7 @@ def _multi_layer(
             )
 
     n = students[0].numel() // students[0].shape[-1]
-    rows = _select(mask, n, lead)
+    rows = _select(mask, n, lead, students[0].device)
     if rows.empty:
         params = list(projection.parameters()) if projection is not None else []
         # Reach the projection too, so every trainable parameter sees a (zero) gradient.

@@ -328,6 +328,8 @@ def _config_from(mtype: ModelType, source: str | Path | dict[str, Any]) -> PreTr
             values = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"config file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {str(path)!r} must hold a JSON object")
     family = values.pop("model_type", None)
     if mtype.name == "auto":
         if family is None:
@@ -342,9 +344,15 @@ def build_model(
     model_type: str,
     config_path_or_dict: str | Path | dict[str, Any],
     vocab_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    """A randomly initialised LM of ``model_type`` from a config (json file, folder or dict)."""
+    """A randomly initialised LM of ``model_type`` from a config (json file, folder or dict),
+    with ``overrides`` applied to the config values before the weights are initialised."""
     mtype = get_model_type(model_type)
+    if overrides:
+        if not isinstance(config_path_or_dict, dict):
+            config_path_or_dict = _config_from(mtype, config_path_or_dict).to_dict()
+        config_path_or_dict = {**config_path_or_dict, **overrides}
     config = _config_from(mtype, config_path_or_dict)
     if vocab_size is not None:
         config.vocab_size = vocab_size

@@ -586,3 +586,20 @@ def test_projection_trains_with_unequal_widths():
     assert math.isfinite(losses[-1])
     assert losses[-1] < 0.2 * losses[0]
     assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:]))
+
+
+def test_label_mask_given_by_the_caller_matches_the_computed_one():
+    from distill.losses import clm_ce, lm_ce
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :3] = -100
+    labels[1, 4] = -100
+    mask = labels != -100
+    for fn in (lm_ce, clm_ce):
+        a = fn(logits, labels)
+        (ga,) = torch.autograd.grad(a, logits)
+        b = fn(logits, labels, label_mask=mask.clone())
+        (gb,) = torch.autograd.grad(b, logits)
+        assert torch.equal(a, b) and torch.equal(ga, gb)

@@ -134,28 +134,14 @@ def build_student(cfg: TrainConfig) -> M.LoadedModel:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # the random initialisation is reproducible
-    values = _read_json(cfg.student_config)
-    if not isinstance(values, dict):
-        raise UserError(f"--student_config {cfg.student_config} must hold a JSON object")
     try:
-        model = M.build_model(cfg.student_type, {**values, "initializer_range": cfg.initializer_range})
+        model = M.build_model(cfg.student_type, cfg.student_config,
+                              overrides={"initializer_range": cfg.initializer_range})
     except (ValueError, TypeError) as e:  # transformers' config validation
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--student_config {cfg.student_config} is not a valid {cfg.student_type} config: "
                         f"{first}") from None
     return M.LoadedModel(model=model, objective=M.model_objective(model))
-
-
-def _read_json(path: str) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise UserError(f"--student_config {path} does not exist")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"--student_config {path} is not valid JSON") from None
 
 
 def check_compatibility(cfg: TrainConfig, teacher: M.LoadedModel, student: M.LoadedModel, dataset: LMSeqsDataset,
