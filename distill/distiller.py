@@ -102,6 +102,7 @@ class Distiller:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
+        self._params = [p for _, p in self._trainable()]  # what is clipped and stepped
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.learning_rate, eps=cfg.adam_epsilon,
                                            betas=(0.9, 0.98))
         warmup = int(cfg.warmup_prop * self.total_steps)
@@ -255,7 +256,7 @@ class Distiller:
         Returns the gradient norm, or None when the step was dropped: a NaN/Inf loss, or (without
         fp16's scaler, which skips overflowing steps itself) a NaN/Inf gradient.
         """
-        params = [p for _, p in self._trainable()]
+        params = self._params
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         # With max_grad_norm 0 the norm is still measured (an infinite threshold clips nothing).

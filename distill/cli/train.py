@@ -223,25 +223,29 @@ def git_info() -> dict:
         return {"repo_id": None, "note": f"not run from a git checkout ({type(e).__name__})"}
 
 
-def save_student(student, tok, folder: Path) -> None:
-    """save_pretrained (safetensors) plus the tokenizer, into a temporary folder then renamed."""
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
+def write_student(student, tok, folder: Path) -> None:
+    """The student (safetensors) and the tokenizer, so that from_pretrained(folder) loads them."""
+    shutil.rmtree(folder, ignore_errors=True)
+    student.save_pretrained(folder)
     if tok is not None:
-        tok.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
+        tok.save_pretrained(folder)
+
+
+def save_student(student, tok, folder: Path) -> None:
+    """Write the student into a temporary folder, then rename it to ``folder``."""
+    tmp = folder.parent / f".{folder.name}.tmp"
+    write_student(student, tok, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def move_into(src: Path, dst: Path) -> None:
-    for p in src.iterdir():
-        target = dst / p.name
-        if target.exists():
-            target.unlink()
-        p.rename(target)
-    src.rmdir()
+def save_final_student(student, tok, dump: Path) -> None:
+    """The student at the top of dump_path: written aside, then each file moved in by rename."""
+    tmp = dump / ".final.tmp"
+    write_student(student, tok, tmp)
+    for p in tmp.iterdir():
+        os.replace(p, dump / p.name)
+    tmp.rmdir()
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -366,8 +370,7 @@ def main(argv=None) -> int:
         tb.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    save_student(student.model, tok, dump / ".final")
-    move_into(dump / ".final", dump)
+    save_final_student(student.model, tok, dump)
     print(f"saved the student to {dump} (load it with from_pretrained)", flush=True)
     return 0
 

@@ -167,10 +167,10 @@ _worker_tok = None
 _worker_wrap: tuple[int, int] = (0, 0)
 
 
-def _init_worker(tokenizer_name: str) -> None:
+def _init_worker(tokenizer_name: str, tok=None) -> None:
     global _worker_tok, _worker_wrap
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _worker_tok = load_tokenizer(tokenizer_name)
+    _worker_tok = load_tokenizer(tokenizer_name) if tok is None else tok
     _worker_wrap = wrapping_ids(_worker_tok)
 
 
@@ -257,7 +257,7 @@ def binarize(
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
-        n_seq, n_tok = _write_tokens(src, tokenizer_name, tmp, dtype, num_workers, max_lines,
+        n_seq, n_tok = _write_tokens(src, tokenizer_name, tok, tmp, dtype, num_workers, max_lines,
                                      batch_lines, progress)
         if n_seq == 0:
             raise UserError(f"{src} holds no text (every line is blank)")
@@ -295,7 +295,7 @@ def binarize(
     return BinarizeResult(dst, n_seq, n_tok, time.perf_counter() - t0)
 
 
-def _write_tokens(src: Path, tokenizer_name: str, out_dir: Path, dtype: np.dtype, num_workers: int,
+def _write_tokens(src: Path, tokenizer_name: str, tok, out_dir: Path, dtype: np.dtype, num_workers: int,
                   max_lines: int | None, batch_lines: int, progress: bool) -> tuple[int, int]:
     from tqdm import tqdm
 
@@ -316,7 +316,7 @@ def _write_tokens(src: Path, tokenizer_name: str, out_dir: Path, dtype: np.dtype
             done_bytes = pos
 
         if num_workers <= 1:
-            _init_worker(tokenizer_name)
+            _init_worker(tokenizer_name, tok)  # in this process, with the tokenizer already loaded
             for texts, pos in batches:
                 consume(*_encode_batch(texts, dtype.name), pos)
         else:
