@@ -33,9 +33,18 @@ META = "meta.json"
 
 
 def _fault(point: str) -> None:
-    """Fault injection for the resume tests: DISTILL_FAULT=<point> kills the process there."""
-    if os.environ.get("DISTILL_FAULT") == point:
+    """Fault injection for the resume tests: DISTILL_FAULT=<point> kills the process there;
+    DISTILL_FAULT=<point>@<rank> kills only that rank of a distributed run."""
+    want = os.environ.get("DISTILL_FAULT")
+    if want is not None and want in (point, f"{point}@{os.environ.get('RANK', '0')}"):
         os.kill(os.getpid(), 9)
+
+
+def _nan_fault(rank: int, step: int) -> bool:
+    """Fault injection for the NaN tests: DISTILL_NAN_AT=<rank>:<step> makes that rank's loss NaN
+    at that optimizer step (1-based)."""
+    want = os.environ.get("DISTILL_NAN_AT")
+    return want is not None and want == f"{rank}:{step}"
 
 
 def rng_state() -> dict:

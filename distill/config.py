@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", help=help_)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
-        p.add_argument(flag, type=kind, metavar=f.name.upper(), help=f"{help_} (default: {f.default})",
+        # torch.distributed.launch passes --local-rank (hyphen) to the script
+        aliases = ["--local-rank"] if f.name == "local_rank" else []
+        p.add_argument(flag, *aliases, type=kind, metavar=f.name.upper(), help=f"{help_} (default: {f.default})",
                        choices=f.metadata.get("choices"))
     return p
 

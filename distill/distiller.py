@@ -27,6 +27,7 @@ from distill.config import TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
+from distill.distributed import DistEnv, wrap
 from distill.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,11 @@ class Distiller:
     def __init__(self, cfg: TrainConfig, student: nn.Module, teacher: nn.Module, dataset: LMSeqsDataset,
                  collator: Collator, device: torch.device, *, student_objective: str,
                  layer_map: list[tuple[int, int]] | None = None, projection: nn.Module | None = None,
-                 on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable[[int], None] | None = None):
+                 on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable[[int], None] | None = None,
+                 dist: DistEnv | None = None):
         self.cfg = cfg
         self.device = device
+        self.dist = dist if dist is not None else DistEnv(device=device)
         self.student = student.to(device).train()
         self.teacher = teacher.to(device).eval()
         for p in self.teacher.parameters():
@@ -87,11 +90,15 @@ class Distiller:
         self.need_hidden = self.alphas["cos"] > 0 or self.alphas["hidden_mse"] > 0
         self.layer_map = layer_map
         self.projection = projection.to(device) if projection is not None else None
+        # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper.
+        self.model = wrap(self.dist, self.student, self.projection)
 
         self.dataset = dataset
         self.collator = collator
+        # Each rank takes its slice of every global batch (batch_size x world_size sequences).
         self.sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, seed=cfg.seed,
-                                                 group_by_size=cfg.group_by_size)
+                                                 group_by_size=cfg.group_by_size,
+                                                 num_replicas=self.dist.world_size, rank=self.dist.rank)
         # Its own generator: each iter() of a DataLoader draws a seed, which would otherwise come from
         # the global RNG (dropout's) and make a resumed run draw one number more than a straight one.
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collator,
@@ -207,8 +214,8 @@ class Distiller:
         labels = batch.get("labels")
         t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)
         with self._autocast():
-            s_out = self.student(input_ids=input_ids, attention_mask=attention_mask,
-                                 output_hidden_states=self.need_hidden)
+            s_out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                               output_hidden_states=self.need_hidden)  # the DDP wrapper when distributed
         s_logits = s_out.logits  # (B, L, V)
         sums = {}
         for name in self.enabled:
@@ -229,23 +236,40 @@ class Distiller:
         return sums
 
     def step(self, micro_batches: list[dict]) -> StepResult:
-        """Forward and backward over the micro-batches of one optimizer step, then optimize()."""
+        """Forward and backward over the micro-batches of one optimizer step, then optimize().
+
+        Several processes: each loss is divided by its count summed over every rank's micro-batches
+        (one all-reduce of a few CPU integers), so the summed gradients are those of one process
+        with the whole global batch; gradients are all-reduced on the last micro-batch only.
+        """
+        from distill.checkpoint import _nan_fault
+
         masks = [self.masks(b) for b in micro_batches]
-        totals = {k: 0 for k in self.enabled}
+        counts = torch.zeros(len(self.enabled) + 1, dtype=torch.int64)  # each loss's positions, then tokens
         for m in masks:
-            for k, n in self.loss_counts(m).items():
-                totals[k] += n
-        tokens = sum(int(m["attn"].sum()) for m in masks)
+            c = self.loss_counts(m)
+            counts += torch.tensor([c[k] for k in self.enabled] + [int(m["attn"].sum())])
+        tokens = int(counts[-1])  # this rank's
+        self.dist.all_reduce_cpu(counts)
+        totals = dict(zip(self.enabled, counts.tolist()))
+        # DDP averages gradients over ranks; scaling by the world size makes that average a sum.
+        world = self.dist.world_size
         loss_total = torch.zeros((), device=self.device)
         parts = {k: torch.zeros((), device=self.device) for k in self.enabled}
-        for b, m in zip(micro_batches, masks):
+        for i, (b, m) in enumerate(zip(micro_batches, masks)):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            loss = torch.zeros((), device=self.device)
-            for k, s in self.loss_sums(b, m).items():
-                term = s / max(totals[k], 1)  # normalised once, over the whole step
-                parts[k] += term.detach()
-                loss = loss + self.alphas[k] * term
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                loss = torch.zeros((), device=self.device)
+                for k, s in self.loss_sums(b, m).items():
+                    term = s / max(totals[k], 1)  # normalised once, over the whole step and every rank
+                    parts[k] += term.detach()
+                    loss = loss + self.alphas[k] * term
+                if _nan_fault(self.dist.rank, self.global_step + 1):
+                    loss = loss * float("nan")
+                scaled = loss * world if world > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_total += loss.detach()
         grad_norm = self.optimize(loss_total)
         return StepResult(grad_norm is None, loss_total, parts, tokens, grad_norm)
@@ -265,6 +289,8 @@ class Distiller:
         finite = torch.isfinite(loss_total)
         if self.scaler is None:
             finite = finite & torch.isfinite(grad_norm)
+        if self.dist.enabled:  # one decision for all: every rank skips, or none
+            finite = self.dist.all_reduce(finite.to(torch.int32), torch.distributed.ReduceOp.MIN)
         if not bool(finite):  # the guard is the step's one host sync
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -286,7 +312,7 @@ class Distiller:
 
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="distilling", unit="step",
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not progress or not self.dist.is_main, dynamic_ncols=True)
         self.window.t0 = time.perf_counter()
         while self.global_step < self.total_steps and self.epoch < cfg.n_epoch:
             if self._resume_position is None:
@@ -335,12 +361,15 @@ class Distiller:
                 w.parts[k] = w.parts.get(k, 0.0) + v
             w.tokens += res.tokens
             if self.global_step % cfg.log_interval == 0 or self.global_step == self.total_steps:
-                record = self._log_record(w, res)
-                if self.on_log is not None:
+                record = self._log_record(w, res)  # every rank takes part in its all-reduce
+                if self.on_log is not None and self.dist.is_main:
                     self.on_log(record)
                 self.window = LogWindow()
         if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval == 0:
             self.on_checkpoint(self.global_step)
+        # A signal may reach the ranks at different steps: they agree, and all stop after this one.
+        if self.dist.any(self.stop_requested is not None) and self.stop_requested is None:
+            self.stop_requested = "a stop requested on another rank"
         if self.stop_requested is not None:
             if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
                 self.on_checkpoint(self.global_step)
@@ -353,6 +382,12 @@ class Distiller:
         from distill.checkpoint import rng_state
 
         w = self.window
+        # Per rank: its generators (dropout differs per rank) and its share of the partial log
+        # window, so the first log line after a resume is the same. Gathered on the main process.
+        mine = {"rng": rng_state(),
+                "window": {"steps": w.steps, "loss": float(w.loss), "tokens": w.tokens,
+                           "parts": {k: float(v) for k, v in w.parts.items()}}}
+        ranks = self.dist.gather_objects(mine)
         return {
             "student": self.student.state_dict(),
             "projection": None if self.projection is None else self.projection.state_dict(),
@@ -365,10 +400,10 @@ class Distiller:
             "bad_steps": self.bad_steps,
             "last_good_step": self.last_good_step,
             "sampler": self.sampler.state_dict(position=self.batches_in_epoch),
-            # the partial log window, so the first log line after a resume is the same
-            "window": {"steps": w.steps, "loss": float(w.loss), "tokens": w.tokens,
-                       "parts": {k: float(v) for k, v in w.parts.items()}},
-            "rng": rng_state(),
+            "window": mine["window"],
+            "rng": mine["rng"],
+            "ranks": ranks,  # None off the main process, which does not write
+            "world_size": self.dist.world_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -387,11 +422,27 @@ class Distiller:
         self.last_good_step = state["last_good_step"]
         self.sampler.load_state_dict(state["sampler"])  # checks seed, global batch, dataset size
         self._resume_position = self.batches_in_epoch = state["batches_in_epoch"]
-        w = state["window"]
+        ranks = state.get("ranks") or [{"rng": state["rng"], "window": state["window"]}]
+        rank, world = self.dist.rank, self.dist.world_size
+        if len(ranks) == world:  # the same world size: each rank continues exactly
+            w, rng = ranks[rank]["window"], ranks[rank]["rng"]
+        else:
+            # Another world size re-shards the same global batches, so the data order is exact;
+            # dropout's draws cannot be. The log window's sums go to rank 0 (they are summed anyway).
+            w = {"steps": ranks[0]["window"]["steps"], "loss": 0.0, "tokens": 0, "parts": {}}
+            if rank == 0:
+                for r in ranks:
+                    w["loss"] += r["window"]["loss"]
+                    w["tokens"] += r["window"]["tokens"]
+                    for k, v in r["window"]["parts"].items():
+                        w["parts"][k] = w["parts"].get(k, 0.0) + v
+            rng = ranks[rank % len(ranks)]["rng"]
         self.window = LogWindow(steps=w["steps"], loss=torch.tensor(w["loss"], device=self.device),
                                 parts={k: torch.tensor(v, device=self.device) for k, v in w["parts"].items()},
                                 tokens=w["tokens"])
-        set_rng_state(state["rng"])
+        set_rng_state(rng)
+        if len(ranks) != world and rank >= len(ranks):
+            torch.manual_seed(self.cfg.seed + 7919 * rank + self.global_step)  # dropout apart from rank 0's
 
     def _on_bad_step(self) -> None:
         self.bad_steps += 1
@@ -405,14 +456,22 @@ class Distiller:
     def _log_record(self, window: LogWindow, last: StepResult) -> dict:
         elapsed = time.perf_counter() - window.t0
         n = max(window.steps, 1)
+        # Each rank holds its share of each loss (its sum over the global count): summed, the whole.
+        names = self.enabled  # the same list on every rank, whatever its window holds
+        values = torch.stack([torch.as_tensor(window.loss, device=self.device, dtype=torch.float32)]
+                             + [torch.as_tensor(window.parts.get(k, 0.0), device=self.device, dtype=torch.float32)
+                                for k in names])
+        self.dist.all_reduce(values)
+        tokens = int(self.dist.all_reduce_cpu(torch.tensor([window.tokens]))[0])
+        values = values.tolist()  # the host sync, on logging steps only
         record = {
             "step": self.global_step,
             "epoch": self.epoch,
-            "loss": float(window.loss) / n,  # the host sync, on logging steps only
-            **{f"loss_{k}": float(v) / n for k, v in window.parts.items()},
+            "loss": values[0] / n,
+            **{f"loss_{k}": v / n for k, v in zip(names, values[1:])},
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": None if last.grad_norm is None else float(last.grad_norm),
-            "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+            "tokens_per_s": tokens / max(elapsed, 1e-9),  # all ranks together
             "time": time.time(),
         }
         return record

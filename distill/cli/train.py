@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distill import checkpoint as C
+from distill import distributed
 from distill import losses as L
 from distill import models as M
 from distill.config import TrainConfig, parse_config
@@ -32,7 +33,13 @@ logger = logging.getLogger("distill")
 
 
 def note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+def say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
 
 
 def warn_about_flags(cfg: TrainConfig, given: set[str]) -> None:
@@ -47,10 +54,12 @@ def warn_about_flags(cfg: TrainConfig, given: set[str]) -> None:
         note("--alpha_clm has no effect with --mlm (the student is trained with MLM)")
     if not cfg.mlm and "alpha_mlm" in given and cfg.alpha_mlm > 0:
         note("--alpha_mlm has no effect without --mlm (the student is trained with CLM)")
-    if "local_rank" in given and cfg.local_rank != -1:
-        note("--local_rank is set by launchers; this run is single-process")
-    if cfg.n_gpu > 1:
-        note(f"--n_gpu {cfg.n_gpu}: this run uses one device")
+    launched = distributed.launched_by_torchrun()
+    if "local_rank" in given and cfg.local_rank != -1 and not launched:
+        note("--local_rank is set by launchers; without WORLD_SIZE > 1 this run is a single process")
+    if cfg.n_gpu > 1 and not launched:
+        note(f"--n_gpu {cfg.n_gpu}: one process uses one GPU; launch one process per GPU with "
+             f"'torchrun --nproc_per_node {cfg.n_gpu} train.py ...'")
     if not cfg.mlm and cfg.token_counts is not None:
         note("--token_counts has no effect without --mlm")
 
@@ -248,14 +257,28 @@ def save_final_student(student, tok, dump: Path) -> None:
     tmp.rmdir()
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def use_gpu(cfg: TrainConfig, given: set[str]) -> bool:
     if cfg.n_gpu > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
+        return True
     if cfg.fp16:
         raise UserError("--fp16 needs a GPU; on the CPU use --bf16")
-    if cfg.n_gpu > 0:
+    if "n_gpu" in given and cfg.n_gpu > 0:
         note("no GPU found: training on the CPU")
-    return torch.device("cpu")
+    return False
+
+
+def on_main(env: distributed.DistEnv, fn, *args):
+    """Run ``fn`` on the main process only; every rank gets its result, or raises its UserError."""
+    result = error = None
+    if env.is_main:
+        try:
+            result = fn(*args)
+        except UserError as e:
+            error = str(e)
+    result, error = env.broadcast_object((result, error))
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 @cli_entry
@@ -265,7 +288,15 @@ def main(argv=None) -> int:
     cfg, given = parse_config(argv)
     cfg.validate()
     warn_about_flags(cfg, given)
-    device = resolve_device(cfg)
+    env = distributed.init(use_gpu(cfg, given))
+    try:
+        return _train(cfg, env)
+    finally:
+        distributed.shutdown(env)
+
+
+def _train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
+    device = env.device
     for name in ("teacher_name", "data_file"):
         if not Path(getattr(cfg, name)).exists():
             raise UserError(f"--{name} {getattr(cfg, name)} does not exist")
@@ -279,9 +310,9 @@ def main(argv=None) -> int:
         if max_pos is not None and cfg.max_model_input_size > max_pos:
             raise UserError(f"--max_model_input_size {cfg.max_model_input_size} exceeds the {who}'s "
                             f"{max_pos} positions")
-    if len(dataset) < cfg.batch_size:
+    if len(dataset) < cfg.batch_size * env.world_size:
         raise UserError(f"{cfg.data_file} has {len(dataset)} examples, fewer than one batch of --batch_size "
-                        f"{cfg.batch_size}")
+                        f"{cfg.batch_size}" + (f" on each of {env.world_size} processes" if env.enabled else ""))
     layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
     freeze(cfg, student.model)
 
@@ -301,38 +332,54 @@ def main(argv=None) -> int:
     else:
         collator = Collator(pad_id, causal=True, seed=cfg.seed)
 
-    # Everything checked: only now is anything in dump_path touched.
+    # Everything checked: only now is anything in dump_path touched, by the main process only.
+    dump = Path(cfg.dump_path)
+    state = None
     if cfg.resume is not None:
-        dump = Path(cfg.dump_path)
         if cfg.force:
             raise UserError("--resume and --force contradict each other (continue the run, or delete it)")
         if not dump.is_dir():
             raise UserError(f"--resume: --dump_path {dump} does not exist")
-        state, ck_meta, ck_folder = C.load_for_resume(dump, cfg.resume, note)
-        check_resumable(cfg, ck_meta)
+
+        loaded = {}
+
+        def choose_checkpoint() -> str:
+            loaded["state"], ck_meta, ck_folder = C.load_for_resume(dump, cfg.resume, note)
+            check_resumable(cfg, ck_meta, env.world_size)
+            return str(ck_folder)
+
+        ck_folder = Path(on_main(env, choose_checkpoint))  # then every other rank reads that one
+        state = loaded["state"] if env.is_main else C.read_checkpoint(ck_folder)[0]
     else:
-        dump = prepare_dump_path(cfg)
-        state = None
-    (dump / "parameters.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    (dump / "git_log.json").write_text(json.dumps(git_info(), indent=2) + "\n")
-    print(f"data: {dataset.stats.summary()}", flush=True)
-    print(f"teacher: {cfg.teacher_name} ({sum(p.numel() for p in teacher.model.parameters()):,} parameters); "
-          f"student: {sum(p.numel() for p in student.model.parameters()):,} parameters; "
-          f"losses: {', '.join(f'{k}={v}' for k, v in _alphas(cfg).items() if v > 0)}", flush=True)
+        on_main(env, prepare_dump_path, cfg)
+    if env.is_main:
+        (dump / "parameters.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (dump / "git_log.json").write_text(json.dumps(git_info(), indent=2) + "\n")
+    if env.enabled:
+        # Dropout draws differ per rank; the student's initial weights are rank 0's (DDP broadcasts them).
+        torch.manual_seed(cfg.seed + env.rank)
+    say(f"data: {dataset.stats.summary()}")
+    say(f"teacher: {cfg.teacher_name} ({sum(p.numel() for p in teacher.model.parameters()):,} parameters); "
+        f"student: {sum(p.numel() for p in student.model.parameters()):,} parameters; "
+        f"losses: {', '.join(f'{k}={v}' for k, v in _alphas(cfg).items() if v > 0)}")
 
     from tensorboardX import SummaryWriter
 
     metrics_path = dump / "metrics.jsonl"
     distiller = Distiller(cfg, student.model, teacher.model, dataset, collator, device,
-                          student_objective=student.objective, layer_map=layer_map, projection=projection)
+                          student_objective=student.objective, layer_map=layer_map, projection=projection,
+                          dist=env)
     if state is not None:
         distiller.load_state_dict(state)
-        truncate_metrics(metrics_path, distiller.global_step)  # lines after the checkpoint are redone
-        print(f"resumed from {ck_folder} at step {distiller.global_step} (epoch {distiller.epoch}, "
-              f"batch {distiller.batches_in_epoch})", flush=True)
+        del state
+        if env.is_main:
+            truncate_metrics(metrics_path, distiller.global_step)  # lines after the checkpoint are redone
+        say(f"resumed from {ck_folder} at step {distiller.global_step} (epoch {distiller.epoch}, "
+            f"batch {distiller.batches_in_epoch})")
     # purge_step drops TensorBoard events logged after the checkpoint by the interrupted run
     tb = SummaryWriter(logdir=str(dump / "tensorboard"),
-                       purge_step=distiller.global_step + 1 if state is not None else None)
+                       purge_step=distiller.global_step + 1 if cfg.resume is not None else None) \
+        if env.is_main else None
 
     def on_log(record: dict) -> None:
         write_jsonl(metrics_path, record)
@@ -342,36 +389,44 @@ def main(argv=None) -> int:
         tb.flush()
 
     run_meta = {"config": cfg.to_dict(), "data": C.data_identity(cfg.data_file),
-                "teacher": C.teacher_identity(cfg.teacher_name)}
+                "teacher": C.teacher_identity(cfg.teacher_name), "world_size": env.world_size}
 
     def on_checkpoint(step: int) -> None:
         t0 = time.perf_counter()
-        folder = C.save_checkpoint(dump, step, distiller.state_dict(),
-                                   {"step": step, "epoch": distiller.epoch, **run_meta}, cfg.keep_checkpoints)
-        size = sum(f.stat().st_size for f in folder.iterdir())
-        logger.info("checkpoint %s: %.1f MB in %.2fs", folder.name, size / 1e6, time.perf_counter() - t0)
+        state = distiller.state_dict()  # every rank: it gathers their RNG states
+        if env.is_main:
+            folder = C.save_checkpoint(dump, step, state, {"step": step, "epoch": distiller.epoch, **run_meta},
+                                       cfg.keep_checkpoints)
+            size = sum(f.stat().st_size for f in folder.iterdir())
+            logger.info("checkpoint %s: %.1f MB in %.2fs", folder.name, size / 1e6, time.perf_counter() - t0)
+        env.barrier()
 
     distiller.on_log = on_log
     distiller.on_checkpoint = on_checkpoint
     previous = {sig: signal.signal(sig, lambda signum, frame: _request_stop(distiller, signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    print(f"training for {distiller.total_steps} optimizer steps of {cfg.gradient_accumulation_steps} x "
-          f"{cfg.batch_size} sequences on {device}", flush=True)
+    where = f"{env.world_size} processes ({env.backend}, {device.type})" if env.enabled else str(device)
+    say(f"training for {distiller.total_steps} optimizer steps of {cfg.gradient_accumulation_steps} x "
+        f"{cfg.batch_size} sequences{' per process' if env.enabled else ''} on {where}")
     try:
         distiller.train()
     except TrainingDiverged:
-        save_student(student.model, tok, dump / "student_at_stop")
+        if env.is_main:
+            save_student(student.model, tok, dump / "student_at_stop")
         raise
     except TrainingStopped as stop:
-        print(f"stopped by {stop} at step {distiller.global_step}; checkpoint saved in {dump / C.CHECKPOINTS}. "
-              f"Resume with the same command plus --resume", flush=True)
+        say(f"stopped by {stop} at step {distiller.global_step}; checkpoint saved in {dump / C.CHECKPOINTS}. "
+            f"Resume with the same command plus --resume")
         return 0
     finally:
-        tb.close()
+        if tb is not None:
+            tb.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    save_final_student(student.model, tok, dump)
-    print(f"saved the student to {dump} (load it with from_pretrained)", flush=True)
+    if env.is_main:
+        save_final_student(student.model, tok, dump)
+        say(f"saved the student to {dump} (load it with from_pretrained)")
+    env.barrier()
     return 0
 
 
@@ -383,8 +438,19 @@ def _request_stop(distiller: Distiller, signum: int) -> None:
     print(f"\n{name}: saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
 
 
-def check_resumable(cfg: TrainConfig, ck_meta: dict) -> None:
-    harmless, bad = C.config_changes(ck_meta["config"], cfg.to_dict())
+def check_resumable(cfg: TrainConfig, ck_meta: dict, world_size: int = 1) -> None:
+    saved = ck_meta["config"]
+    saved_world = ck_meta.get("world_size", 1)
+    saved_global = saved["batch_size"] * saved_world
+    if saved_global != cfg.batch_size * world_size:
+        raise UserError(f"cannot resume: the global batch would change from {saved_world} x {saved['batch_size']} "
+                        f"to {world_size} x {cfg.batch_size} sequences; keep --batch_size x processes at "
+                        f"{saved_global}")
+    if saved_world != world_size:
+        note(f"resuming on {world_size} processes instead of {saved_world}: the same global batches, re-sharded "
+             "(dropout's random draws differ from an uninterrupted run)")
+        saved = dict(saved, batch_size=cfg.batch_size)
+    harmless, bad = C.config_changes(saved, cfg.to_dict())
     if bad:
         raise UserError(f"cannot resume: the config differs from the checkpoint's in {'; '.join(bad)}")
     if C.data_identity(cfg.data_file) != ck_meta["data"]:
