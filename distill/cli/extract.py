@@ -234,6 +234,9 @@ def shrink_config(config, layers: list[int]):
     for name, value in vars(config).items():
         if "layer" in name and isinstance(value, list) and len(value) == n_teacher:
             setattr(student, name, [value[i] for i in layers])
+    # A teacher loaded from GGUF is dequantised; its student is a plain model, not a GGUF one.
+    if getattr(student, "quantization_config", None) is not None:
+        del student.quantization_config
     return student
 
 
