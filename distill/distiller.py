@@ -190,9 +190,18 @@ class Distiller:
 
     def teacher_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Only what the enabled losses need: logits, hidden states, or hidden states alone
-        (then the vocabulary projection is skipped by running the base model)."""
+        (then the vocabulary projection is skipped by running the base model). A plain vocabulary
+        projection is not run here: the logits come back as L.ProjectedLogits, which the fused
+        losses compute a chunk of rows at a time (no (B, L, V) tensor)."""
+        proj = L.output_projection(self.teacher) if self.need_teacher_logits else None
         with torch.inference_mode(), self._autocast():
-            if self.need_teacher_logits:
+            if proj is not None:
+                with L.projection_input(self.teacher):
+                    out = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
+                                       output_hidden_states=self.need_hidden)
+                logits = L.ProjectedLogits(out.logits, proj.weight, proj.bias, self.amp_dtype)
+                hidden = out.hidden_states
+            elif self.need_teacher_logits:
                 out = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=self.need_hidden)
                 logits, hidden = out.logits, out.hidden_states
@@ -213,12 +222,31 @@ class Distiller:
         attention_mask = batch["attention_mask"]
         labels = batch.get("labels")
         t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)
-        with self._autocast():
+        vocab = [k for k in self.enabled if k in ("ce", "mse", "mlm", "clm")]
+        # A plain vocabulary projection is left to the fused losses: no (B, L, V) logits are made.
+        proj = L.output_projection(self.student) if vocab else None
+        with self._autocast(), L.projection_input(self.student) if proj is not None else contextlib.nullcontext():
             s_out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                output_hidden_states=self.need_hidden)  # the DDP wrapper when distributed
-        s_logits = s_out.logits  # (B, L, V)
         sums = {}
+        if proj is not None:  # s_out.logits is the projection's input (B, L, H)
+            lm_labels, lm_mask = labels, masks.get("labels")
+            if "clm" in vocab:
+                lm_labels, lm_mask = L.shift_labels(labels, lm_mask)
+            has_lm = "mlm" in vocab or "clm" in vocab
+            fused = L.projected_vocab_losses(
+                s_out.logits, proj.weight, proj.bias, teacher=t_logits, temperature=self.cfg.temperature,
+                soft_target="ce" in vocab, mse="mse" in vocab, mask=masks["ce"],
+                labels=lm_labels if has_lm else None, label_mask=lm_mask if has_lm else None,
+                compute_dtype=self.amp_dtype)
+            names = {"ce": "soft_target_ce", "mse": "logits_mse", "mlm": "lm_ce", "clm": "lm_ce"}
+            sums = {k: fused[names[k]] for k in vocab}
+        elif isinstance(t_logits, L.ProjectedLogits):
+            t_logits = t_logits.materialize()
+        s_logits = s_out.logits  # (B, L, V) unless fused
         for name in self.enabled:
+            if name in sums:
+                continue
             if name == "ce":
                 sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"])
             elif name == "mse":
@@ -233,7 +261,7 @@ class Distiller:
             elif name == "hidden_mse":
                 sums[name] = L.multi_layer_mse(s_out.hidden_states, t_hidden, self.layer_map, masks["attn"],
                                                self.projection)
-        return sums
+        return {k: sums[k] for k in self.enabled}
 
     def step(self, micro_batches: list[dict]) -> StepResult:
         """Forward and backward over the micro-batches of one optimizer step, then optimize().

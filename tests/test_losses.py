@@ -603,3 +603,238 @@ def test_label_mask_given_by_the_caller_matches_the_computed_one():
         b = fn(logits, labels, label_mask=mask.clone())
         (gb,) = torch.autograd.grad(b, logits)
         assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+# --------------------------------------------------------------------------- projection fused with the losses
+
+from distill import losses as Lmod  # noqa: E402
+from distill.losses import ProjectedLogits, projected_vocab_losses, projection_input, shift_labels  # noqa: E402
+
+Hp = 6  # hidden width of the projected tests (V, B, L as above)
+
+
+def _proj_case(seed: int = 0, bias: bool = True):
+    """Student hidden (B, L, Hp) and projection, teacher hidden and projection, labels with ~40% kept."""
+    g = _gen(seed)
+    h = torch.randn(B, L, Hp, generator=g)
+    w = torch.randn(V, Hp, generator=g)
+    b = torch.randn(V, generator=g) if bias else None
+    th = torch.randn(B, L, Hp, generator=g) * 2
+    tw = torch.randn(V, Hp, generator=g)
+    tb = torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[torch.rand(B, L, generator=g) > 0.4] = -100
+    return h, w, b, th, tw, tb, labels
+
+
+def _params(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+WANTS = {  # which losses: soft_target, mse, labels
+    "kl+ce": (True, False, True),
+    "kl": (True, False, False),
+    "ce": (False, False, True),
+    "kl+mse+ce": (True, True, True),
+    "mse": (False, True, False),
+}
+
+
+@pytest.mark.parametrize("want", sorted(WANTS))
+@pytest.mark.parametrize("mask_kind", ["none", "sparse", "dense", "int01"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_projected_losses_match_the_unfused_ones(want, mask_kind, chunk_size, T):
+    soft, mse, use_labels = WANTS[want]
+    h0, w0, b0, th, tw, tb, labels = _proj_case(1)
+    m = _mask(mask_kind)
+    teacher_logits = F.linear(th, tw, tb)
+    weights = {"soft_target_ce": 0.7, "logits_mse": 0.01, "lm_ce": 1.3}
+    for teacher in (ProjectedLogits(th, tw, tb), teacher_logits):
+        h, w, b = _params(h0, w0, b0)
+        out = projected_vocab_losses(h, w, b, teacher=teacher, temperature=T, soft_target=soft, mse=mse, mask=m,
+                                     labels=labels if use_labels else None, chunk_size=chunk_size)
+        loss = sum(weights[k] * v for k, v in out.items())
+        grads = torch.autograd.grad(loss, [h, w, b])
+
+        rh, rw, rb = _params(h0, w0, b0)
+        logits = F.linear(rh, rw, rb)
+        ref = {}
+        if soft:
+            ref["soft_target_ce"] = soft_target_ce(logits, teacher_logits, T, mask=m)
+        if mse:
+            ref["logits_mse"] = logits_mse(logits, teacher_logits, mask=m)
+        if use_labels:
+            ref["lm_ce"] = lm_ce(logits, labels)
+        ref_loss = sum(weights[k] * v for k, v in ref.items())
+        ref_grads = torch.autograd.grad(ref_loss, [rh, rw, rb])
+        assert out.keys() == ref.keys()
+        for k in ref:
+            assert out[k].dtype == torch.float32 and out[k].dim() == 0
+            torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-4)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_projected_losses_without_bias_and_flat_rows():
+    h0, w0, _, th, tw, _, labels = _proj_case(2, bias=False)
+    h, w = _params(h0.reshape(N, Hp), w0)
+    out = projected_vocab_losses(h, w, None, teacher=ProjectedLogits(th.reshape(N, Hp), tw), temperature=2.0,
+                                 soft_target=True, labels=labels.reshape(N), chunk_size=4)
+    gh, gw = torch.autograd.grad(out["soft_target_ce"] + out["lm_ce"], [h, w])
+    rh, rw = _params(h0.reshape(N, Hp), w0)
+    logits = rh @ rw.t()
+    ref = soft_target_ce(logits, th.reshape(N, Hp) @ tw.t(), 2.0) + lm_ce(logits, labels.reshape(N))
+    rgh, rgw = torch.autograd.grad(ref, [rh, rw])
+    torch.testing.assert_close(out["soft_target_ce"] + out["lm_ce"], ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gh, rgh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rgw, rtol=1e-5, atol=1e-5)
+
+
+def test_projected_clm_with_shifted_labels_matches_clm_ce():
+    h0, w0, b0, _, _, _, labels = _proj_case(3)
+    labels[:, 0] = 1  # something to predict from the previous position
+    h, w, b = _params(h0, w0, b0)
+    lbl, lmask = shift_labels(labels, labels != -100)
+    out = projected_vocab_losses(h, w, b, labels=lbl, label_mask=lmask, chunk_size=3)["lm_ce"]
+    gh = torch.autograd.grad(out, h)[0]
+    rh, rw, rb = _params(h0, w0, b0)
+    ref = clm_ce(F.linear(rh, rw, rb), labels)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, torch.autograd.grad(ref, rh)[0], rtol=1e-5, atol=1e-6)
+    assert clm_count(labels).item() == int(lmask.sum())
+
+
+def test_projected_losses_in_bf16_are_close_to_autocast():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(4)
+    h, w, b = _params(h0, w0, b0)
+    out = projected_vocab_losses(h, w, b, teacher=ProjectedLogits(th, tw, tb), temperature=2.0, soft_target=True,
+                                 labels=labels, compute_dtype=torch.bfloat16, chunk_size=3)
+    grads = torch.autograd.grad(out["soft_target_ce"] + out["lm_ce"], [h, w, b])
+    assert all(g.dtype == torch.float32 for g in grads)  # gradients come back in the inputs' dtypes
+    rh, rw, rb = _params(h0, w0, b0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, t_logits = F.linear(rh, rw, rb), F.linear(th, tw, tb)
+    ref = soft_target_ce(logits, t_logits, 2.0) + lm_ce(logits, labels)
+    ref_grads = torch.autograd.grad(ref, [rh, rw, rb])
+    torch.testing.assert_close(out["soft_target_ce"] + out["lm_ce"], ref, rtol=2e-2, atol=1e-2)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=5e-2, atol=5e-2)
+
+
+def test_projected_losses_empty_masks_give_exact_zeros_and_zero_gradients():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(5)
+    h, w, b = _params(h0, w0, b0)
+    none = torch.zeros(B, L, dtype=torch.bool)
+    out = projected_vocab_losses(h, w, b, teacher=ProjectedLogits(th, tw, tb), soft_target=True, mask=none,
+                                 labels=torch.full((B, L), -100))
+    assert all(v.item() == 0.0 for v in out.values())
+    grads = torch.autograd.grad(sum(out.values()), [h, w, b])
+    assert all((g == 0).all() for g in grads)
+
+
+def test_projected_losses_without_grad_and_one_backward_only():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(6)
+    teacher = ProjectedLogits(th, tw, tb)
+    with torch.no_grad():
+        a = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels)
+    h, w, b = _params(h0, w0, b0)
+    out = projected_vocab_losses(h, w, b, teacher=teacher, soft_target=True, labels=labels)
+    for k in a:
+        torch.testing.assert_close(a[k], out[k].detach())
+    loss = out["soft_target_ce"] + out["lm_ce"]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+def test_projected_losses_teacher_minus_inf_bias_is_finite():
+    h0, w0, b0, th, tw, tb, _ = _proj_case(7)
+    tb[:3] = float("-inf")  # e.g. vocabulary padding the teacher never predicts
+    h, w, b = _params(h0, w0, b0)
+    out = projected_vocab_losses(h, w, b, teacher=ProjectedLogits(th, tw, tb), temperature=2.0, soft_target=True)
+    g = torch.autograd.grad(out["soft_target_ce"], h)[0]
+    assert torch.isfinite(out["soft_target_ce"]) and torch.isfinite(g).all()
+    ref = soft_target_ce(F.linear(h0, w0, b0), F.linear(th, tw, tb), 2.0)
+    torch.testing.assert_close(out["soft_target_ce"], ref, rtol=1e-5, atol=1e-4)
+
+
+def test_projected_losses_reuse_the_workspace_across_shapes():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(8)
+    teacher = ProjectedLogits(th, tw, tb)
+    first = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7)
+    projected_vocab_losses(h0[:1, :2], w0, b0, teacher=ProjectedLogits(th[:1, :2], tw, tb), soft_target=True,
+                           chunk_size=2)  # a smaller call in between
+    again = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7)
+    Lmod.clear_workspace()
+    fresh = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7)
+    for k in first:
+        assert torch.equal(first[k], again[k]) and torch.equal(first[k], fresh[k])
+
+
+def test_projected_losses_argument_errors():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(9)
+    with pytest.raises(ValueError, match="need the teacher"):
+        projected_vocab_losses(h0, w0, b0, soft_target=True)
+    with pytest.raises(ValueError, match="no loss"):
+        projected_vocab_losses(h0, w0, b0)
+    with pytest.raises(ValueError, match="weight must be"):
+        projected_vocab_losses(h0, w0[:, :2], b0, labels=labels)
+    with pytest.raises(ValueError, match="teacher logits must be"):
+        projected_vocab_losses(h0, w0, b0, teacher=torch.zeros(B, L, V + 1), soft_target=True)
+
+
+def _tiny_lms():
+    from transformers import (BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, GPT2Config,
+                              GPT2LMHeadModel)
+
+    torch.manual_seed(0)
+    return [
+        BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16)).eval(),
+        DistilBertForMaskedLM(DistilBertConfig(vocab_size=V, dim=8, n_layers=1, n_heads=2, hidden_dim=16)).eval(),
+        GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=8, n_layer=1, n_head=2, n_positions=16)).eval(),
+    ]
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_projection_input_gives_what_the_projection_sees(i):
+    model = _tiny_lms()[i]
+    ids = torch.randint(0, V, (2, 5), generator=_gen(10))
+    logits = model(input_ids=ids).logits
+    proj = Lmod.output_projection(model)
+    assert proj is model.get_output_embeddings()
+    with projection_input(model) as p:
+        hidden = model(input_ids=ids).logits
+    assert p is proj and hidden.shape == (2, 5, 8)
+    torch.testing.assert_close(F.linear(hidden, proj.weight, proj.bias), logits)
+    torch.testing.assert_close(ProjectedLogits(hidden, proj.weight, proj.bias).materialize(), logits)
+    torch.testing.assert_close(model(input_ids=ids).logits, logits)  # the projection is back
+
+
+def test_output_projection_of_unknown_models_is_none():
+    assert Lmod.output_projection(torch.nn.Linear(3, 4)) is None
+    with pytest.raises(ValueError, match="no plain vocabulary projection"):
+        with projection_input(torch.nn.Linear(3, 4)):
+            pass
+
+
+@pytest.mark.slow
+def test_compiled_kernel_matches_eager():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(11)
+    teacher = ProjectedLogits(th, tw, tb)
+    runs = []
+    for compiled in (False, True):
+        Lmod.use_compiled_kernels(compiled)
+        try:
+            h, w, b = _params(h0, w0, b0)
+            out = projected_vocab_losses(h, w, b, teacher=teacher, temperature=2.0, soft_target=True, labels=labels,
+                                         chunk_size=3)
+            runs.append((out, torch.autograd.grad(out["soft_target_ce"] + out["lm_ce"], [h, w, b])))
+        finally:
+            Lmod.use_compiled_kernels(False)
+    (eager, ge), (comp, gc) = runs
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-5, atol=1e-4)
+    for a, r in zip(gc, ge):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
