@@ -440,3 +440,25 @@ def test_more_refusals(world, tmp_path, capsys):
     (dump / "my.yaml").write_text("temperature: 2.0\n")
     refused(mlm_args(world, dump, "--force", "--config", str(dump / "my.yaml")), capsys, "lies inside")
     assert (dump / "my.yaml").exists()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_projection_matches_materialised_logits(world, monkeypatch, bf16):
+    """The Distiller's default path (vocabulary projection left to the fused losses) gives the losses
+    and student update of the plain path, where the models compute their (B, L, V) logits."""
+    from distill import losses as L
+
+    d_fused, ds, coll = make_distiller(world, accumulation=2, batch_size=3, bf16=bf16)
+    assert L.output_projection(d_fused.student) is not None and L.output_projection(d_fused.teacher) is not None
+    batches = [coll([ds[i] for i in range(j, j + 3)]) for j in (0, 3)]
+    fused = d_fused.step(batches)
+    with monkeypatch.context() as m:
+        m.setattr(L, "output_projection", lambda model: None)  # every head computes its logits
+        d_plain, _, _ = make_distiller(world, accumulation=2, batch_size=3, bf16=bf16)
+        plain = d_plain.step(batches)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    assert fused.parts.keys() == plain.parts.keys() and {"ce", "mlm", "mse", "cos"} <= set(fused.parts)
+    for k in fused.parts:
+        torch.testing.assert_close(fused.parts[k], plain.parts[k], **tol, msg=k)
+    for (n, p), (_, q) in zip(d_fused.student.named_parameters(), d_plain.student.named_parameters()):
+        torch.testing.assert_close(p, q, **tol, msg=n)
