@@ -176,23 +176,40 @@ def encoder_flops(tokens: int, batch: int, length: int, layers: int, hidden: int
     return layers * (proj + mlp + attn)
 
 
-def head_flops(tokens: int, hidden: int, vocab: int) -> int:
-    """MLM head: the hidden->hidden transform and the vocabulary projection."""
-    return 2 * tokens * hidden * hidden + 2 * tokens * hidden * vocab
+def head_flops(tokens: int, rows: int, hidden: int, vocab: int) -> int:
+    """MLM head: the hidden->hidden transform on every token, the vocabulary projection on ``rows``."""
+    return 2 * tokens * hidden * hidden + 2 * rows * hidden * vocab
 
 
-def step_flops(preset: str, vocab: int, batch: int, length: int, teacher_logits: bool) -> dict[str, int]:
-    """Matmul FLOPs of one micro-batch of shape (batch, length) (padded), by part."""
+def step_flops(preset: str, vocab: int, batch: int, length: int, teacher_rows: int, student_rows: int
+               ) -> dict[str, int]:
+    """Matmul FLOPs of one micro-batch of shape (batch, length) (padded), by part.
+
+    Encoders and the heads' transforms count every padded position; the vocabulary projections count
+    the rows a loss covers, which are the rows the Distiller projects (``teacher_rows``: the
+    soft-target rows, 0 when no logit loss needs the teacher's; ``student_rows``: those and the
+    labelled rows). With the default ce over every attended position that is all but the padding;
+    with --restrict_ce_to_mask it is the 15% of masked positions.
+    """
     s = PRESETS[preset]
     t = batch * length
     h, f = s["hidden"], s["ffn"]
     teacher = encoder_flops(t, batch, length, s["teacher_layers"], h, f)
-    teacher_head = head_flops(t, h, vocab) if teacher_logits else 0
-    student_fwd = encoder_flops(t, batch, length, s["student_layers"], h, f) + head_flops(t, h, vocab)
+    teacher_head = head_flops(t, teacher_rows, h, vocab) if teacher_rows else 0
+    student_fwd = encoder_flops(t, batch, length, s["student_layers"], h, f) + head_flops(t, student_rows, h, vocab)
     # Backward: each matmul's input gradient and weight gradient, 2x its forward (the first layer's
     # input gradient is needed too: the embeddings are trained).
     return {"teacher_forward": teacher + teacher_head, "student_forward": student_fwd,
             "student_backward": 2 * student_fwd}
+
+
+def projected_rows(distiller: Distiller, batch: dict) -> tuple[int, int]:
+    """(teacher rows, student rows) of the vocabulary projections for this batch, from the
+    Distiller's own masks."""
+    masks = distiller.masks(batch)
+    ce = masks["ce"].bool()
+    union = ce | masks["labels"].bool()
+    return (int(ce.sum()) if distiller.need_teacher_logits else 0), int(union.sum())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +399,7 @@ def run(args) -> dict:
         B, Lb = batch["input_ids"].shape
         real += res.tokens
         padded += B * Lb
-        for k, v in step_flops(args.preset, vocab, B, Lb, distiller.need_teacher_logits).items():
+        for k, v in step_flops(args.preset, vocab, B, Lb, *projected_rows(distiller, batch)).items():
             flops[k] += v
     elapsed = time.perf_counter() - t_all
     cpu_s = time.process_time() - cpu0

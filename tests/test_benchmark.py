@@ -43,7 +43,13 @@ def test_flop_count_by_hand(throughput):
     t = 2 * 3
     layer = 2 * t * 4 * 4 * 4 + 2 * t * 4 * 8 * 2 + 2 * 2 * 3 * 3 * 4 * 2
     assert throughput.encoder_flops(t, 2, 3, 1, 4, 8) == layer
-    assert throughput.head_flops(t, 4, 10) == 2 * t * 4 * 4 + 2 * t * 4 * 10
+    assert throughput.head_flops(t, t, 4, 10) == 2 * t * 4 * 4 + 2 * t * 4 * 10
+    # the vocabulary projection only on the rows a loss covers
+    assert throughput.head_flops(t, 2, 4, 10) == 2 * t * 4 * 4 + 2 * 2 * 4 * 10
+    parts = throughput.step_flops("tiny", 10, 2, 3, teacher_rows=0, student_rows=t)
+    assert parts["student_backward"] == 2 * parts["student_forward"]
+    tiny = throughput.PRESETS["tiny"]
+    assert parts["teacher_forward"] == throughput.encoder_flops(t, 2, 3, tiny["teacher_layers"], 32, 64)
 
 
 def test_data_path_benchmark_reports_both_sizes(bert_tok_dir, prose_file, tmp_path, capsys):
