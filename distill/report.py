@@ -90,6 +90,14 @@ def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_secon
              "- *student_distilled*: the extracted student after distillation on the corpus, then fine-tuned.",
              "- *student_extracted*: the same extracted student fine-tuned without distillation.", "",
              markdown_table(get_task("sst-2"), rows), "", f"![comparison]({COMPARISON_PNG})", ""]
+    sim = extra.get("similarity")
+    if sim:
+        lines += ["## Sentence embeddings against the teacher's", "",
+                  f"Before fine-tuning, on {sim['sentences']:,} held-out sentences ({sim['text']}): the mean "
+                  "cosine between each student's mean-pooled last hidden states and the teacher's (1 = the "
+                  "teacher's own sentence embeddings).", "", "| student | cosine to the teacher |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in sim["cosine"].items()]
+        lines += [""]
     if has_losses:
         first, last = records[0], records[-1]
         lines += ["## Distillation", "",

@@ -52,6 +52,10 @@ def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
         assert 0.6 < r["metrics"]["accuracy"] <= 1.0 and r["sentences_per_s"] > 0, rows
     md = (report / "report.md").read_text()
     assert "| teacher |" in md and "% of teacher" in md and "## Wall time per stage" in md
+    sim = json.loads((run / "embedding_similarity_quick.json").read_text())
+    assert set(sim["cosine"]) == {"student_distilled", "student_extracted"} and sim["sentences"] == 300
+    assert all(-1.0 <= v <= 1.0 for v in sim["cosine"].values())
+    assert "## Sentence embeddings against the teacher's" in md and "| student_distilled |" in md
     for png in ("loss_curves.png", "comparison.png"):
         assert (report / png).read_bytes()[:8] == PNG
     metrics = [json.loads(x) for x in (run / "student_quick" / "metrics.jsonl").read_text().splitlines()]
@@ -60,4 +64,5 @@ def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
     # 3. a second run redoes nothing but the side-by-side timing
     assert demo.main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("reusing") >= 6 and "fine-tuning on" not in out and "training for" not in out
+    assert out.count("reusing") >= 7 and "fine-tuning on" not in out and "training for" not in out
+    assert "reusing " + str(run / "embedding_similarity_quick.json") in out
