@@ -440,15 +440,16 @@ _WRAPPERS = frozenset({"DistributedDataParallel", "OptimizedModule"})
 # Rows per chunk on the CPU, by compute dtype: enough for the chunk's (chunk, H) x (H, V) matmul to run
 # near peak (fp32 needs more rows than bf16), few enough to keep the reused blocks small. On a GPU a
 # chunk is a few (chunk, V) of memory.
-_CPU_CHUNK_ROWS_FP32 = 256
+_CPU_CHUNK_ROWS_FP32 = 384
 _CPU_CHUNK_ROWS_16BIT = 128
 _GPU_CHUNK_BYTES = 256 * 2**20
 _GROUP_CHUNKS = 2  # 16-bit compute: gradient rows per (V, H) partial, in chunks
 _KERNEL_ROWS = 32  # rows of the eager soft-target kernel's fp32 working blocks
 # Vocabulary columns per matmul of the CPU projection, by compute dtype: one (rows, H) x (H, V) matmul
 # with V in the tens of thousands ran at 55% of the fp32 matmul peak here (104 GFLOP/s against 187),
-# the same rows against 2048-column slices of the weight at 80% (154); bf16 gained 10% at 4096.
-_CPU_VOCAB_COLS_FP32 = 2048
+# the same rows against 1024- or 2048-column slices of the weight at 80% (150-168, more with 384-512
+# rows than 256); bf16 gained 10% at 4096.
+_CPU_VOCAB_COLS_FP32 = 1024
 _CPU_VOCAB_COLS_16BIT = 4096
 _SLICE_ELEMS = 1 << 20  # elements of the fp32 copy of a 16-bit weight-gradient partial
 
