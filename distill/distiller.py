@@ -29,6 +29,7 @@ from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import DistEnv, wrap
 from distill.errors import UserError
+from distill.memory import fix_mmap_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class Distiller:
         self.cfg = cfg
         self.device = device
         self.dist = dist if dist is not None else DistEnv(device=device)
+        if device.type == "cpu":  # the step's large host blocks go back to the system (distill.memory)
+            fix_mmap_threshold()
         self.student = student.to(device).train()
         self.teacher = teacher.to(device).eval()
         for p in self.teacher.parameters():

@@ -113,6 +113,12 @@ def init(use_gpu: bool, timeout_s: float = 1800) -> DistEnv:
 
 def shutdown(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
+        # All ranks leave together: a rank tearing gloo down while another still talks to it was
+        # seen to abort at exit ("terminate called without an active exception").
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is already gone (an error path): nothing to wait for
+            pass
         dist.destroy_process_group()
 
 
