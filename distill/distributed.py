@@ -111,14 +111,14 @@ def init(use_gpu: bool, timeout_s: float = 1800) -> DistEnv:
                    cpu_group=cpu_group)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, finished: bool = False) -> None:
+    """Leave the process group. ``finished``: every rank ended its run normally, so they first meet
+    at a barrier; a rank tearing gloo down while another still talked to it was seen to abort at
+    exit ("terminate called without an active exception"). On an error path there is no barrier:
+    a rank that failed must not wait for peers that may be stuck elsewhere (torchrun stops them)."""
     if env.enabled and dist.is_initialized():
-        # All ranks leave together: a rank tearing gloo down while another still talks to it was
-        # seen to abort at exit ("terminate called without an active exception").
-        try:
+        if finished:
             dist.barrier()
-        except RuntimeError:  # a peer is already gone (an error path): nothing to wait for
-            pass
         dist.destroy_process_group()
 
 

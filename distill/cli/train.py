@@ -289,10 +289,13 @@ def main(argv=None) -> int:
     cfg.validate()
     warn_about_flags(cfg, given)
     env = distributed.init(use_gpu(cfg, given))
+    finished = False
     try:
-        return _train(cfg, env)
+        rc = _train(cfg, env)
+        finished = True
+        return rc
     finally:
-        distributed.shutdown(env)
+        distributed.shutdown(env, finished=finished)
 
 
 def _train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
