@@ -25,26 +25,12 @@ import numpy as np
 import torch
 
 from distill.errors import UserError
+from distill.testing.faults import kill_point
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.pt"
 META = "meta.json"
-
-
-def _fault(point: str) -> None:
-    """Fault injection for the resume tests: DISTILL_FAULT=<point> kills the process there;
-    DISTILL_FAULT=<point>@<rank> kills only that rank of a distributed run."""
-    want = os.environ.get("DISTILL_FAULT")
-    if want is not None and want in (point, f"{point}@{os.environ.get('RANK', '0')}"):
-        os.kill(os.getpid(), 9)
-
-
-def _nan_fault(rank: int, step: int) -> bool:
-    """Fault injection for the NaN tests: DISTILL_NAN_AT=<rank>:<step> makes that rank's loss NaN
-    at that optimizer step (1-based)."""
-    want = os.environ.get("DISTILL_NAN_AT")
-    return want is not None and want == f"{rank}:{step}"
 
 
 def rng_state() -> dict:
@@ -62,14 +48,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _sha256(path: Path, block: int = 1 << 24) -> str:
+    """The file's sha256 (hex), read a block at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def data_identity(data_file: str) -> dict:
     folder = Path(data_file)
     return {"path": str(folder.resolve()), "tokens_bytes": (folder / "tokens.bin").stat().st_size,
-            "meta_sha256": _sha256(folder / "meta.json")}
+            "meta_sha256": _sha256(folder / "meta.json")[:16]}
 
 
 def teacher_identity(teacher_name: str) -> dict:
@@ -78,33 +69,83 @@ def teacher_identity(teacher_name: str) -> dict:
         return {"path": str(p.resolve()), "bytes": p.stat().st_size}
     weights = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
     return {"path": str(p.resolve()), "weights": {f.name: f.stat().st_size for f in weights},
-            "config_sha256": _sha256(p / "config.json") if (p / "config.json").is_file() else None}
+            "config_sha256": _sha256(p / "config.json")[:16] if (p / "config.json").is_file() else None}
 
 
 def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
-    """Write checkpoint ``step``; move ``latest`` to it; keep the newest ``keep``."""
+    """Write checkpoint ``step``; move ``latest`` to it; keep the newest ``keep``.
+
+    A write that fails (a full disk, a file-size limit) removes its temporary folder and raises a
+    UserError; the checkpoints already there and ``latest`` are untouched.
+    """
     root = dump / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = root / name
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / STATE)
-    _fault(f"during_checkpoint_write_{step}")
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    for f in (tmp / STATE, tmp / META):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / STATE)
+        kill_point(f"during_checkpoint_write_{step}")
+        # The state's checksum: a file damaged later (a bad disk, a copy cut short) is caught on resume;
+        # torch.load alone reads damaged tensor bytes without complaint.
+        meta = {**meta, "state_sha256": _sha256(tmp / STATE)}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        for f in (tmp / STATE, tmp / META):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {name} in {root} ({write_error(e, root)}); the checkpoints "
+                        "already there are kept: free some space, then resume with --resume") from None
     if final.exists():  # the same step saved again (end of epoch == interval): replace it
         shutil.rmtree(final)
     tmp.rename(final)
-    pointer_tmp = root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / LATEST)
+    kill_point(f"before_latest_{step}")
+    publish_text(root / LATEST, name + "\n")
     for old in list_checkpoints(dump)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_error(e: BaseException, folder: Path | None = None) -> str:
+    """A short reason for a failed write: errno's words where there are some, else what the machine
+    says (torch.save reports a failed write only as an internal assertion)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"a file reached this process's file-size limit (ulimit -f) of {limit:,} bytes"
+    if folder is not None and shutil.disk_usage(folder).free < 64 << 20:
+        return "the disk is full"
+    text = str(e).strip().splitlines()
+    return text[0][:120] if text else type(e).__name__
+
+
+def publish_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: written aside, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the log lines up to ``step`` (those after the checkpoint are logged again by the resumed
+    run); a line cut short by a kill mid-append is dropped."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    publish_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def list_checkpoints(dump: Path) -> list[Path]:
@@ -115,8 +156,15 @@ def list_checkpoints(dump: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
+class CorruptCheckpoint(Exception):
+    """state.pt does not match the checksum recorded in meta.json."""
+
+
 def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     meta = json.loads((folder / META).read_text())
+    expected = meta.get("state_sha256")
+    if expected is not None and _sha256(folder / STATE) != expected:
+        raise CorruptCheckpoint(f"{folder / STATE} does not match its checksum")
     state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
     return state, meta
 

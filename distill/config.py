@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from distill.errors import UserError
+from distill.errors import ArgumentParser, UserError
 
 
 def _f(default, help: str, **extra):
@@ -76,7 +77,10 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 autocast (CPU and GPU; added here)")
     n_gpu: int = _f(1, "GPUs to use (0: CPU)")
     local_rank: int = _f(-1, "set by the launcher; accepted for compatibility")
-    seed: int = _f(56, "random seed")
+    seed: int = _f(56, "random seed of every generator the run draws from (initialisation, dropout, "
+                       "masking, batch order)")
+    deterministic: bool = _f(False, "deterministic GPU kernels (torch.use_deterministic_algorithms; slower); "
+                                    "CPU runs are reproducible without it (added here)")
     # -- logging ---------------------------------------------------------------------------------
     log_interval: int = _f(500, "optimizer steps between logs")
     checkpoint_interval: int = _f(4000, "optimizer steps between checkpoints")
@@ -92,6 +96,10 @@ class TrainConfig:
                 raise UserError(f"--{name} is required")
         if self.student_config is None and self.student_pretrained_weights is None:
             raise UserError("give --student_config or --student_pretrained_weights")
+        for f in fields(self):  # NaN passes every comparison below: refuse it (and infinities) first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name} must be a finite number, got {value}")
         for name in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
@@ -142,7 +150,7 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="train.py",
         description="Distil a teacher language model into a student (flags follow DistilBERT's train.py).",
         argument_default=argparse.SUPPRESS,  # only what was typed reaches the namespace

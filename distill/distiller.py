@@ -30,6 +30,7 @@ from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import DistEnv, wrap
 from distill.errors import UserError
 from distill.memory import fix_mmap_threshold
+from distill.testing import faults
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +276,6 @@ class Distiller:
         (one all-reduce of a few CPU integers), so the summed gradients are those of one process
         with the whole global batch; gradients are all-reduced on the last micro-batch only.
         """
-        from distill.checkpoint import _nan_fault
-
         masks = [self.masks(b) for b in micro_batches]
         counts = torch.zeros(len(self.enabled) + 1, dtype=torch.int64)  # each loss's positions, then tokens
         for m in masks:
@@ -299,7 +298,7 @@ class Distiller:
                     term = s / max(totals[k], 1)  # normalised once, over the whole step and every rank
                     parts[k] += term.detach()
                     loss = loss + self.alphas[k] * term
-                if _nan_fault(self.dist.rank, self.global_step + 1):
+                if faults.nan_at(self.dist.rank, self.global_step + 1):
                     loss = loss * float("nan")
                 scaled = loss * world if world > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -347,41 +346,41 @@ class Distiller:
         bar = tqdm(total=self.total_steps, initial=self.global_step, desc="distilling", unit="step",
                    disable=not progress or not self.dist.is_main, dynamic_ncols=True)
         self.window.t0 = time.perf_counter()
-        while self.global_step < self.total_steps and self.epoch < cfg.n_epoch:
-            if self._resume_position is None:
-                self.sampler.set_epoch(self.epoch)
+        try:
+            while self.global_step < self.total_steps and self.epoch < cfg.n_epoch:
+                if self._resume_position is None:
+                    self.sampler.set_epoch(self.epoch)
+                    self.batches_in_epoch = 0
+                else:  # continue the interrupted epoch with its very next batch
+                    self.sampler.load_state_dict(self.sampler.state_dict() | {"epoch": self.epoch,
+                                                                              "position": self._resume_position})
+                    self.batches_in_epoch = self._resume_position
+                    self._resume_position = None
+                self.collator.epoch = self.epoch  # part of the masking seed
+                batches = iter(self.loader)
+                epoch_done = False
+                while self.global_step < self.total_steps:
+                    micro = list(islice(batches, cfg.gradient_accumulation_steps))
+                    if not micro:
+                        epoch_done = True
+                        break
+                    self.batches_in_epoch += len(micro)
+                    res = self.step(micro)
+                    self.global_step += 1
+                    bar.update(1)
+                    self._after_step(res)
+                if not epoch_done:
+                    break  # max steps reached inside the epoch
+                self.epoch += 1
                 self.batches_in_epoch = 0
-            else:  # continue the interrupted epoch with its very next batch
-                self.sampler.load_state_dict(self.sampler.state_dict() | {"epoch": self.epoch,
-                                                                          "position": self._resume_position})
-                self.batches_in_epoch = self._resume_position
-                self._resume_position = None
-            self.collator.epoch = self.epoch  # part of the masking seed
-            batches = iter(self.loader)
-            epoch_done = False
-            while self.global_step < self.total_steps:
-                micro = list(islice(batches, cfg.gradient_accumulation_steps))
-                if not micro:
-                    epoch_done = True
-                    break
-                self.batches_in_epoch += len(micro)
-                res = self.step(micro)
-                self.global_step += 1
-                bar.update(1)
-                self._after_step(res)
-            if not epoch_done:
-                break  # max steps reached inside the epoch
-            self.epoch += 1
-            self.batches_in_epoch = 0
-            if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
-                self.on_checkpoint(self.global_step)  # end of epoch (unless just saved)
-        bar.close()
+                if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
+                    self.on_checkpoint(self.global_step)  # end of epoch (unless just saved)
+        finally:  # also on a stop or an error: the bar's line ends before any message
+            bar.close()
 
     def _after_step(self, res: StepResult) -> None:
-        from distill.checkpoint import _fault
-
         cfg = self.cfg
-        _fault(f"after_step_{self.global_step}")
+        faults.kill_point(f"after_step_{self.global_step}")
         if res.skipped:
             self._on_bad_step()
         else:
@@ -511,5 +510,12 @@ class Distiller:
 
 
 def write_jsonl(path: Path, record: dict) -> None:
+    """Append one line. A kill mid-write leaves a partial last line, which a resume drops
+    (distill.checkpoint.truncate_metrics)."""
+    line = json.dumps(record) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        if faults.armed(f"during_metrics_append_{record.get('step')}"):
+            f.write(line[: len(line) // 2])
+            f.flush()
+            faults.kill_point(f"during_metrics_append_{record.get('step')}")
+        f.write(line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -25,9 +26,24 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as e:
+            # What the machine refused (a read-only folder, a full disk, a missing permission) is the
+            # user's to fix; a specific check says more where a command can foresee it.
+            if e.strerror is None:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror.lower()}", file=sys.stderr)
+            raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
         return 0 if rc is None else rc
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a UserError: one sentence and exit 2, no usage dump."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")

@@ -13,11 +13,11 @@ import argparse
 import os
 
 from distill.data.binarize import binarize
-from distill.errors import UserError, cli_entry
+from distill.errors import ArgumentParser, UserError, cli_entry
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--file_path", required=True,
                    help="corpus: plain text with one document per line (.txt, .gz) or .jsonl with a 'text' field")
     p.add_argument("--tokenizer_type", default="bert", choices=["bert", "roberta", "gpt2", "auto"],

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from distill.errors import UserError, cli_entry
+from distill.errors import ArgumentParser, UserError, cli_entry
 from distill.glue.features import Features, batch_indices, collate, load_features
 from distill.glue.modeling import check_model_folder, load_classifier, load_tokenizer, read_glue_args, set_padding
 from distill.glue.tasks import Task, get_task
@@ -245,13 +245,8 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="compare.py", description="Compare a fine-tuned teacher with fine-tuned students on a GLUE "
+    p = ArgumentParser(prog="compare.py", description="Compare a fine-tuned teacher with fine-tuned students on a GLUE "
                                                 "task: parameters, speed, metrics, % of the teacher's score.")
     p.add_argument("--teacher_dir", required=True, help="the teacher's run_glue output folder")
     p.add_argument("--student_dir", action="append", required=True, metavar="[NAME=]FOLDER",

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
 from transformers.utils import logging as hf_logging
 
-from distill.errors import UserError, cli_entry
+from distill.errors import ArgumentParser, UserError, cli_entry
 from distill.models import (
     MLM,
     LoadedModel,
@@ -363,7 +363,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Initialise a student model from a subset of a teacher's layers.")
+    p = ArgumentParser(description="Initialise a student model from a subset of a teacher's layers.")
     p.add_argument("--model_type", required=True, help="teacher type: bert, distilbert, roberta, gpt2, llama or auto")
     p.add_argument("--model_name", required=True, help="teacher folder, or a .gguf file")
     p.add_argument("--dump_checkpoint", required=True, help="output folder for the student")

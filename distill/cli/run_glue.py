@@ -42,6 +42,7 @@ from distill.glue.modeling import (
 )
 from distill.glue.tasks import Task, get_task, split_path
 from distill.glue.trainer import evaluate_task, fine_tune, pick_device, progress_bars
+from distill.seeding import seed_everything
 
 RESULTS_JSON = "eval_results.json"
 RESULTS_TXT = "eval_results.txt"
@@ -210,7 +211,7 @@ def run_glue(cfg: GlueConfig | dict | argparse.Namespace, *, log: Callable[[str]
     progress = progress_bars(cfg.disable_tqdm)
 
     tok = load_tokenizer(cfg.model_name_or_path)
-    torch.manual_seed(cfg.seed)  # the new head's initialisation is reproducible
+    seed_everything(cfg.seed, deterministic=cfg.deterministic)  # the new head, dropout, the shuffle
     clf = load_classifier(cfg.model_name_or_path, task)
     report = clf.loading_report()
     if report is not None:

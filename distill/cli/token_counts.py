@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from distill.data.counts import count_tokens
-from distill.errors import UserError, cli_entry
+from distill.errors import ArgumentParser, UserError, cli_entry
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_file", required=True, help="dataset folder written by binarized_data.py")
     p.add_argument("--token_counts_dump", required=True, help="output .npy file (int64 count per id)")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the dataset's tokenizer vocabulary")

@@ -28,6 +28,8 @@ from distill.data.counts import load_token_counts
 from distill.data.dataset import LMSeqsDataset
 from distill.distiller import Distiller, TrainingDiverged, TrainingStopped, write_jsonl
 from distill.errors import UserError, cli_entry
+from distill.seeding import seed_everything
+from distill.testing.faults import kill_point
 
 logger = logging.getLogger("distill")
 
@@ -140,10 +142,7 @@ def build_student(cfg: TrainConfig) -> M.LoadedModel:
         if cfg.student_config is not None:
             note("--student_config is ignored: the config comes with --student_pretrained_weights")
         return loaded
-    from transformers import set_seed
-
-    set_seed(cfg.seed)  # the random initialisation is reproducible
-    try:
+    try:  # the random initialisation draws from generators seeded at the start of the run
         model = M.build_model(cfg.student_type, cfg.student_config,
                               overrides={"initializer_range": cfg.initializer_range})
     except (ValueError, TypeError) as e:  # transformers' config validation
@@ -235,9 +234,14 @@ def git_info() -> dict:
 def write_student(student, tok, folder: Path) -> None:
     """The student (safetensors) and the tokenizer, so that from_pretrained(folder) loads them."""
     shutil.rmtree(folder, ignore_errors=True)
-    student.save_pretrained(folder)
-    if tok is not None:
-        tok.save_pretrained(folder)
+    try:
+        student.save_pretrained(folder)
+        if tok is not None:
+            tok.save_pretrained(folder)
+    except (OSError, RuntimeError) as e:  # a full disk or a file-size limit
+        shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(f"could not write the student to {folder.parent} ({C.write_error(e, folder.parent)}); the checkpoints "
+                        "are kept: free some space, then run the same command with --resume") from None
 
 
 def save_student(student, tok, folder: Path) -> None:
@@ -249,10 +253,15 @@ def save_student(student, tok, folder: Path) -> None:
 
 
 def save_final_student(student, tok, dump: Path) -> None:
-    """The student at the top of dump_path: written aside, then each file moved in by rename."""
+    """The student at the top of dump_path: written aside, then each file moved in by rename, the
+    weights last, so that a folder with weights holds a whole student. A kill in between leaves the
+    checkpoints, and --resume writes the student again."""
     tmp = dump / ".final.tmp"
     write_student(student, tok, tmp)
-    for p in tmp.iterdir():
+    files = sorted(tmp.iterdir(), key=lambda p: p.suffix in (".safetensors", ".bin"))
+    for i, p in enumerate(files):
+        if i == len(files) // 2:
+            kill_point("during_final_save")
         os.replace(p, dump / p.name)
     tmp.rmdir()
 
@@ -300,6 +309,8 @@ def main(argv=None) -> int:
 
 def _train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
     device = env.device
+    # The same on every rank: a student built from a config starts from the same weights everywhere.
+    seed_everything(cfg.seed, deterministic=cfg.deterministic)
     for name in ("teacher_name", "data_file"):
         if not Path(getattr(cfg, name)).exists():
             raise UserError(f"--{name} {getattr(cfg, name)} does not exist")
@@ -358,9 +369,10 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
     if env.is_main:
         (dump / "parameters.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (dump / "git_log.json").write_text(json.dumps(git_info(), indent=2) + "\n")
-    if env.enabled:
-        # Dropout draws differ per rank; the student's initial weights are rank 0's (DDP broadcasts them).
-        torch.manual_seed(cfg.seed + env.rank)
+    # Training's draws (dropout) start from a known state whatever loading drew, on every path (a student
+    # built from a config or loaded from weights). They differ per rank; the student's initial weights
+    # are rank 0's (DDP broadcasts them).
+    seed_everything(cfg.seed, rank=env.rank)
     say(f"data: {dataset.stats.summary()}")
     say(f"teacher: {cfg.teacher_name} ({sum(p.numel() for p in teacher.model.parameters()):,} parameters); "
         f"student: {sum(p.numel() for p in student.model.parameters()):,} parameters; "
@@ -376,7 +388,7 @@ def _train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
         distiller.load_state_dict(state)
         del state
         if env.is_main:
-            truncate_metrics(metrics_path, distiller.global_step)  # lines after the checkpoint are redone
+            C.truncate_metrics(metrics_path, distiller.global_step)  # lines after the checkpoint are redone
         say(f"resumed from {ck_folder} at step {distiller.global_step} (epoch {distiller.epoch}, "
             f"batch {distiller.batches_in_epoch})")
     # purge_step drops TensorBoard events logged after the checkpoint by the interrupted run
@@ -462,15 +474,6 @@ def check_resumable(cfg: TrainConfig, ck_meta: dict, world_size: int = 1) -> Non
         raise UserError(f"cannot resume: {cfg.teacher_name} is not the teacher the checkpoint was trained with")
     for change in harmless:
         note(f"resuming with a changed setting: {change}")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
 
 
 def _alphas(cfg: TrainConfig) -> dict[str, float]:

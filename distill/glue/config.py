@@ -7,10 +7,11 @@ Flag names follow the original ``run_glue.py`` (``--task_name``, ``--per_device_
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from distill.errors import UserError
+from distill.errors import ArgumentParser, UserError
 from distill.glue.tasks import TASKS, get_task
 
 
@@ -43,6 +44,7 @@ class GlueConfig:
     warmup_prop: float = _f(0.1, "fraction of the steps over which the learning rate rises linearly from 0; "
                                  "it then decays linearly to 0")
     seed: int = _f(42, "seed of the new head's initialisation, dropout and the shuffling")
+    deterministic: bool = _f(False, "deterministic GPU kernels (torch.use_deterministic_algorithms; slower)")
     bf16: bool = _f(False, "bf16 autocast (CPU or GPU)")
     no_cuda: bool = _f(False, "stay on the CPU even when a GPU is available")
     logging_steps: int = _f(50, "log the training loss every this many steps")
@@ -58,6 +60,10 @@ class GlueConfig:
         self.task_name = get_task(self.task_name).name
         if not (self.do_train or self.do_eval):
             raise UserError("nothing to do: pass --do_train and/or --do_eval")
+        for f in fields(self):  # NaN passes every comparison below: refuse it (and infinities) first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name} must be a finite number, got {value}")
         for name in ("max_seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "logging_steps"):
             if getattr(self, name) < 1:
@@ -96,15 +102,8 @@ class GlueConfig:
         return cls(**values)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as a UserError (one sentence, exit 2)."""
-
-    def error(self, message: str):
-        raise UserError(message)
-
-
 def build_parser(prog: str = "run_glue.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Fine-tune and/or evaluate a model on a GLUE task, optionally "
+    p = ArgumentParser(prog=prog, description="Fine-tune and/or evaluate a model on a GLUE task, optionally "
                                        "distilling from a fine-tuned teacher.")
     for f in fields(GlueConfig):
         flag, help_ = f"--{f.name}", f.metadata["help"]
