@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from transformers.utils import logging as hf_logging
 
 from distill.errors import ArgumentParser, UserError, cli_entry
+from distill.seeding import seed_everything
 from distill.models import (
     MLM,
     LoadedModel,
@@ -371,6 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", default=None, help="comma-separated 0-based teacher layers, e.g. 0,2,4,7,9,11")
     p.add_argument("--num_layers", type=int, default=None, help="student depth when --layers is not given (default: half, rounded up)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --dump_checkpoint")
+    p.add_argument("--seed", type=int, default=56,
+                   help="seed of any weights initialised at random (a head the teacher lacks); default 56")
     return p.parse_args(argv)
 
 
@@ -388,6 +391,7 @@ def extract(args: argparse.Namespace) -> int:
     dump, teacher_path = Path(args.dump_checkpoint), Path(args.model_name)
     check_destination(dump, teacher_path, args.force)
 
+    seed_everything(args.seed)  # a head the teacher lacks is initialised at random: the same one each time
     teacher = load_model(args.model_type, teacher_path)
     family = teacher.model.config.model_type
     student_type = args.student_type or default_student_type(family, args.model_type)
@@ -409,6 +413,7 @@ def extract(args: argparse.Namespace) -> int:
         "student_type": student_type,
         "student_family": student.model.config.model_type,
         "layers": layers,
+        "seed": args.seed,
         "parameters": {"teacher": n_params[0], "student": n_params[1]},
     }
     tokenizer_saved = write_student(dump, teacher, student, record)
