@@ -245,8 +245,7 @@ def build_distiller(args, data: Path, device: torch.device) -> tuple[Distiller, 
                       gradient_accumulation_steps=1, max_model_input_size=args.seq_len, bf16=args.bf16,
                       restrict_ce_to_mask=args.restrict_ce_to_mask, group_by_size=True, seed=args.seed,
                       n_epoch=1000, max_steps=args.warmup + args.steps + args.split_steps,
-                      n_gpu=1 if device.type == "cuda" else 0)
-    cfg.validate()
+                      n_gpu=1 if device.type == "cuda" else 0)  # validated when built
     dataset = LMSeqsDataset(cfg.data_file, max_model_input_size=cfg.max_model_input_size)
     meta = dataset.meta
     vocab = int(meta["vocab_size"])

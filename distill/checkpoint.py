@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.errors import UserError
+from distill.errors import UserError, note
+from distill.fileio import write_atomic, write_error
 from distill.testing.faults import kill_point
 
 CHECKPOINTS = "checkpoints"
@@ -103,33 +104,10 @@ def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int) -
         shutil.rmtree(final)
     tmp.rename(final)
     kill_point(f"before_latest_{step}")
-    publish_text(root / LATEST, name + "\n")
+    write_atomic(root / LATEST, name + "\n")
     for old in list_checkpoints(dump)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def write_error(e: BaseException, folder: Path | None = None) -> str:
-    """A short reason for a failed write: errno's words where there are some, else what the machine
-    says (torch.save reports a failed write only as an internal assertion)."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror.lower()
-    import resource
-
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        return f"a file reached this process's file-size limit (ulimit -f) of {limit:,} bytes"
-    if folder is not None and shutil.disk_usage(folder).free < 64 << 20:
-        return "the disk is full"
-    text = str(e).strip().splitlines()
-    return text[0][:120] if text else type(e).__name__
-
-
-def publish_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: written aside, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -145,7 +123,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             keep.append(line)
-    publish_text(path, "".join(ln + "\n" for ln in keep))
+    write_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def list_checkpoints(dump: Path) -> list[Path]:
@@ -218,3 +196,137 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         if norm(k, saved.get(k)) != norm(k, current.get(k)):
             (harmless if k in HARMLESS else bad).append(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}")
     return harmless, bad
+
+
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+# Inputs that --force must never delete, whatever --dump_path is.
+_INPUT_FLAGS = ("data_file", "teacher_name", "student_pretrained_weights", "student_config", "token_counts", "config")
+
+
+class CheckpointManager:
+    """The one owner of a run's checkpoints and of resuming it.
+
+    Before training, :meth:`start` decides where the run begins: a fresh ``--dump_path`` (a
+    non-empty one is refused without ``--force``, and ``--force`` never deletes an input), or the
+    checkpoint ``--resume`` names or the latest readable one, checked against this run's data,
+    teacher and config. During training the Distiller calls :meth:`save` at each checkpoint. After
+    a resume, :meth:`rewind_logs` drops the log lines the interrupted run wrote past the checkpoint,
+    and :meth:`tensorboard_purge_step` tells TensorBoard to do the same.
+
+    In a distributed run every rank calls every method; only the main process writes or chooses,
+    and the others read the checkpoint it chose.
+    """
+
+    def __init__(self, cfg, env, log=None):
+        self.cfg, self.env = cfg, env
+        self.dump = Path(cfg.dump_path)
+        self.metrics_path = self.dump / METRICS
+        self.log = log  # a logging.Logger for the write timings, or None
+        self.resumed_from: Path | None = None
+        self._run_meta: dict | None = None
+
+    @property
+    def run_meta(self) -> dict:
+        """What every checkpoint records about the run besides its step: the resolved config and the
+        identity of the data and the teacher (checked on resume)."""
+        if self._run_meta is None:
+            self._run_meta = {"config": self.cfg.to_dict(), "data": data_identity(self.cfg.data_file),
+                              "teacher": teacher_identity(self.cfg.teacher_name), "world_size": self.env.world_size}
+        return self._run_meta
+
+    # -- where the run starts --------------------------------------------------------------
+
+    def start(self) -> dict | None:
+        """Prepare ``--dump_path`` for a fresh run (returns None), or choose, check and read the
+        checkpoint to resume from (returns its state, on every rank)."""
+        if self.cfg.resume is None:
+            self.env.on_main(self._prepare_fresh)
+            return None
+        if self.cfg.force:
+            raise UserError("--resume and --force contradict each other (continue the run, or delete it)")
+        if not self.dump.is_dir():
+            raise UserError(f"--resume: --dump_path {self.dump} does not exist")
+        chosen: dict = {}
+
+        def choose() -> str:
+            chosen["state"], meta, folder = load_for_resume(self.dump, self.cfg.resume, note)
+            self.check_resumable(meta)
+            return str(folder)
+
+        self.resumed_from = Path(self.env.on_main(choose))  # then every other rank reads that one
+        return chosen["state"] if self.env.is_main else read_checkpoint(self.resumed_from)[0]
+
+    def _prepare_fresh(self) -> None:
+        from distill.fileio import is_within
+
+        dump, cfg = self.dump, self.cfg
+        if dump.exists() and not dump.is_dir():
+            raise UserError(f"--dump_path {dump} exists and is not a folder")
+        if dump.exists() and any(dump.iterdir()):
+            if not cfg.force:
+                if list_checkpoints(dump):
+                    raise UserError(f"--dump_path {dump} holds checkpoints of a run: add --resume to continue it, "
+                                    "or --force to delete it and start over")
+                raise UserError(f"--dump_path {dump} is not empty; pass --force to delete its contents and start "
+                                "over")
+            for name in _INPUT_FLAGS:  # never delete the inputs themselves
+                value = getattr(cfg, name)
+                if value and is_within(value, dump):
+                    raise UserError(f"--{name} {value} lies inside --dump_path {dump}; --force would delete it")
+            shutil.rmtree(dump)
+        dump.mkdir(parents=True, exist_ok=True)
+
+    def check_resumable(self, ck_meta: dict) -> None:
+        """Refuse a checkpoint of another data set, teacher, global batch or training config; note
+        the harmless changes (intervals, a later --max_steps, ...)."""
+        cfg, world_size = self.cfg, self.env.world_size
+        saved = ck_meta["config"]
+        saved_world = ck_meta.get("world_size", 1)
+        saved_global = saved["batch_size"] * saved_world
+        if saved_global != cfg.batch_size * world_size:
+            raise UserError(f"cannot resume: the global batch would change from {saved_world} x {saved['batch_size']}"
+                            f" to {world_size} x {cfg.batch_size} sequences; keep --batch_size x processes at "
+                            f"{saved_global}")
+        if saved_world != world_size:
+            note(f"resuming on {world_size} processes instead of {saved_world}: the same global batches, "
+                 "re-sharded (dropout's random draws differ from an uninterrupted run)")
+            saved = dict(saved, batch_size=cfg.batch_size)
+        harmless, bad = config_changes(saved, cfg.to_dict())
+        if bad:
+            raise UserError(f"cannot resume: the config differs from the checkpoint's in {'; '.join(bad)}")
+        if data_identity(cfg.data_file) != ck_meta["data"]:
+            raise UserError(f"cannot resume: {cfg.data_file} is not the data the checkpoint was trained on")
+        if teacher_identity(cfg.teacher_name) != ck_meta["teacher"]:
+            raise UserError(f"cannot resume: {cfg.teacher_name} is not the teacher the checkpoint was trained with")
+        for change in harmless:
+            note(f"resuming with a changed setting: {change}")
+
+    # -- after a resume ----------------------------------------------------------------------
+
+    def rewind_logs(self, step: int) -> None:
+        """metrics.jsonl as of the checkpoint: the resumed run logs the later steps again."""
+        if self.resumed_from is not None and self.env.is_main:
+            truncate_metrics(self.metrics_path, step)
+
+    def tensorboard_purge_step(self, step: int) -> int | None:
+        """TensorBoard's purge_step: events the interrupted run logged after the checkpoint are dropped."""
+        return step + 1 if self.resumed_from is not None else None
+
+    # -- during training ---------------------------------------------------------------------
+
+    def save(self, distiller) -> None:
+        """Checkpoint the Distiller at its current step (every rank takes part: it gathers their
+        RNG states); the main process writes it."""
+        import time
+
+        t0 = time.perf_counter()
+        step = distiller.global_step
+        state = distiller.state_dict()
+        if self.env.is_main:
+            folder = save_checkpoint(self.dump, step, state, {"step": step, "epoch": distiller.epoch,
+                                                              **self.run_meta}, self.cfg.keep_checkpoints)
+            if self.log is not None:
+                size = sum(f.stat().st_size for f in folder.iterdir())
+                self.log.info("checkpoint %s: %.1f MB in %.2fs", folder.name, size / 1e6, time.perf_counter() - t0)
+        self.env.barrier()

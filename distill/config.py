@@ -1,7 +1,8 @@
 """The one training config: every field documented, defaults < --config file < command line.
 
 Flag names and defaults follow DistilBERT's original ``train.py`` (they are public API); the
-fields added here say so. ``TrainConfig.validate()`` checks everything that needs no model.
+fields added here say so. A TrainConfig validates itself when built (``__post_init__``): everything
+that needs no model is checked once, however the config was made.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import ArgumentParser, UserError
+
+
+# The losses a run can weight, in the order they are logged.
+LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "hidden_mse")
 
 
 def _f(default, help: str, **extra):
@@ -89,6 +94,9 @@ class TrainConfig:
                            "given (added here)")
     num_workers: int = _f(0, "DataLoader worker processes (added here)")
 
+    def __post_init__(self) -> None:
+        self.validate()  # a config built in Python is checked as one parsed from the command line
+
     def validate(self) -> None:
         """Everything that can be checked before loading a model; one sentence per problem."""
         for name in ("dump_path", "data_file", "student_type", "teacher_type", "teacher_name"):
@@ -137,9 +145,15 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:
             raise UserError("--seed must be in [0, 2**32)")
 
+    def loss_weights(self, mlm: bool | None = None) -> dict[str, float]:
+        """The weight of each loss, in LOSS_NAMES order. The LM loss is MLM with ``--mlm`` and CLM
+        without (the other's alpha does not apply); ``mlm`` overrides the flag."""
+        mlm = self.mlm if mlm is None else mlm
+        return {"ce": self.alpha_ce, "mlm": self.alpha_mlm if mlm else 0.0, "clm": 0.0 if mlm else self.alpha_clm,
+                "mse": self.alpha_mse, "cos": self.alpha_cos, "hidden_mse": self.alpha_hidden_mse}
+
     def objective_alphas_sum(self) -> float:
-        lm = self.alpha_mlm if self.mlm else self.alpha_clm
-        return self.alpha_ce + lm + self.alpha_mse + self.alpha_cos + self.alpha_hidden_mse
+        return sum(self.loss_weights().values())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

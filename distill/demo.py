@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     report_dir = run_dir / f"report{suffix}"
 
     def do_compare():
-        from distill.cli.compare import compare
+        from distill.glue.compare import compare
 
         return compare(glue / "teacher", {k: glue / k for k in models if k != "teacher"}, task, "sst-2",
                        output=report_dir, overwrite=True, batch_size=32, num_examples=256 if args.quick else 512,

@@ -23,19 +23,18 @@ import torch
 from torch import nn
 
 from distill import losses as L
-from distill.config import TrainConfig
+from distill.config import LOSS_NAMES, TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import DistEnv, wrap
 from distill.errors import UserError
+from distill import optim as O
+from distill.checkpoint import CheckpointManager
 from distill.memory import fix_mmap_threshold
 from distill.testing import faults
 
 logger = logging.getLogger(__name__)
-
-LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "hidden_mse")
-
 
 class TrainingDiverged(UserError):
     """Too many consecutive optimizer steps had a NaN or Inf loss."""
@@ -69,7 +68,7 @@ class Distiller:
     def __init__(self, cfg: TrainConfig, student: nn.Module, teacher: nn.Module, dataset: LMSeqsDataset,
                  collator: Collator, device: torch.device, *, student_objective: str,
                  layer_map: list[tuple[int, int]] | None = None, projection: nn.Module | None = None,
-                 on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable[[int], None] | None = None,
+                 on_log: Callable[[dict], None] | None = None, checkpoints: CheckpointManager | None = None,
                  dist: DistEnv | None = None):
         self.cfg = cfg
         self.device = device
@@ -81,14 +80,7 @@ class Distiller:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.mlm = student_objective == "mlm"
-        self.alphas = {
-            "ce": cfg.alpha_ce,
-            "mlm": cfg.alpha_mlm if self.mlm else 0.0,
-            "clm": 0.0 if self.mlm else cfg.alpha_clm,
-            "mse": cfg.alpha_mse,
-            "cos": cfg.alpha_cos,
-            "hidden_mse": cfg.alpha_hidden_mse,
-        }
+        self.alphas = cfg.loss_weights(mlm=self.mlm)
         self.enabled = [k for k in LOSS_NAMES if self.alphas[k] > 0]
         self.need_teacher_logits = self.alphas["ce"] > 0 or self.alphas["mse"] > 0
         self.need_hidden = self.alphas["cos"] > 0 or self.alphas["hidden_mse"] > 0
@@ -116,28 +108,21 @@ class Distiller:
         self._params = [p for _, p in self._trainable()]  # what is clipped and stepped
         # The fused implementation: one kernel over all parameters (on the benchmark's CPU shape it
         # halved the optimizer's time, 26 -> 12 ms a step, against the default foreach one).
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.learning_rate, eps=cfg.adam_epsilon,
-                                           betas=(0.9, 0.98), fused=device.type in ("cpu", "cuda"))
-        warmup = int(cfg.warmup_prop * self.total_steps)
-        total = self.total_steps
-
-        def lr_lambda(step: int) -> float:  # linear warm-up, then linear decay to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.optimizer = O.adamw(self._trainable(), lr=cfg.learning_rate, eps=cfg.adam_epsilon,
+                                 weight_decay=cfg.weight_decay, betas=(0.9, 0.98), fused=device.type in ("cpu", "cuda"))
+        self.scheduler = O.linear_warmup_decay(self.optimizer, int(cfg.warmup_prop * self.total_steps),
+                                               self.total_steps)
 
         # Mixed precision lives here: autocast for the forwards, a scaler for fp16 only.
         self.amp_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
 
         self.on_log = on_log
-        self.on_checkpoint = on_checkpoint
+        self.checkpoints = checkpoints  # saves at the intervals, the end of an epoch, and on a stop
         self.global_step = 0
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of this epoch consumed: the sampler position
-        self._resume_position: int | None = None
+        self._resuming = False  # load_state_dict put the sampler mid-epoch: train() must not restart it
         self.bad_steps = 0
         self.last_good_step = 0
         self.window = LogWindow()
@@ -151,21 +136,8 @@ class Distiller:
             named += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
         return named
 
-    def _param_groups(self) -> list[dict]:
-        # As DistilBERT: no weight decay on biases and LayerNorm weights.
-        def no_decay(name: str) -> bool:
-            return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "norm." in name
-
-        named = self._trainable()
-        return [
-            {"params": [p for n, p in named if not no_decay(n)], "weight_decay": self.cfg.weight_decay},
-            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
-        ]
-
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return O.autocast(self.device, self.amp_dtype)
 
     # -- one optimizer step --------------------------------------------------------------------
 
@@ -348,14 +320,10 @@ class Distiller:
         self.window.t0 = time.perf_counter()
         try:
             while self.global_step < self.total_steps and self.epoch < cfg.n_epoch:
-                if self._resume_position is None:
+                if not self._resuming:  # a resumed epoch continues where load_state_dict put the sampler
                     self.sampler.set_epoch(self.epoch)
                     self.batches_in_epoch = 0
-                else:  # continue the interrupted epoch with its very next batch
-                    self.sampler.load_state_dict(self.sampler.state_dict() | {"epoch": self.epoch,
-                                                                              "position": self._resume_position})
-                    self.batches_in_epoch = self._resume_position
-                    self._resume_position = None
+                self._resuming = False
                 self.collator.epoch = self.epoch  # part of the masking seed
                 batches = iter(self.loader)
                 epoch_done = False
@@ -373,8 +341,8 @@ class Distiller:
                     break  # max steps reached inside the epoch
                 self.epoch += 1
                 self.batches_in_epoch = 0
-                if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
-                    self.on_checkpoint(self.global_step)  # end of epoch (unless just saved)
+                if self.checkpoints is not None and self.global_step % cfg.checkpoint_interval != 0:
+                    self.checkpoints.save(self)  # end of epoch (unless just saved)
         finally:  # also on a stop or an error: the bar's line ends before any message
             bar.close()
 
@@ -397,14 +365,14 @@ class Distiller:
                 if self.on_log is not None and self.dist.is_main:
                     self.on_log(record)
                 self.window = LogWindow()
-        if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval == 0:
-            self.on_checkpoint(self.global_step)
+        if self.checkpoints is not None and self.global_step % cfg.checkpoint_interval == 0:
+            self.checkpoints.save(self)
         # A signal may reach the ranks at different steps: they agree, and all stop after this one.
         if self.dist.any(self.stop_requested is not None) and self.stop_requested is None:
             self.stop_requested = "a stop requested on another rank"
         if self.stop_requested is not None:
-            if self.on_checkpoint is not None and self.global_step % cfg.checkpoint_interval != 0:
-                self.on_checkpoint(self.global_step)
+            if self.checkpoints is not None and self.global_step % cfg.checkpoint_interval != 0:
+                self.checkpoints.save(self)
             raise TrainingStopped(self.stop_requested)
 
     # -- state ---------------------------------------------------------------------------------
@@ -431,7 +399,7 @@ class Distiller:
             "batches_in_epoch": self.batches_in_epoch,
             "bad_steps": self.bad_steps,
             "last_good_step": self.last_good_step,
-            "sampler": self.sampler.state_dict(position=self.batches_in_epoch),
+            "sampler": {**self.sampler.state_dict(position=self.batches_in_epoch), "epoch": self.epoch},
             "window": mine["window"],
             "rng": mine["rng"],
             "ranks": ranks,  # None off the main process, which does not write
@@ -452,8 +420,12 @@ class Distiller:
         self.epoch = state["epoch"]
         self.bad_steps = state["bad_steps"]
         self.last_good_step = state["last_good_step"]
-        self.sampler.load_state_dict(state["sampler"])  # checks seed, global batch, dataset size
-        self._resume_position = self.batches_in_epoch = state["batches_in_epoch"]
+        # The resume position is set here only: the sampler continues the interrupted epoch with its
+        # very next batch (it checks seed, global batch and dataset size).
+        self.sampler.load_state_dict({**state["sampler"], "epoch": state["epoch"],
+                                      "position": state["batches_in_epoch"]})
+        self.batches_in_epoch = self.sampler.position
+        self._resuming = True
         ranks = state.get("ranks") or [{"rng": state["rng"], "window": state["window"]}]
         rank, world = self.dist.rank, self.dist.world_size
         if len(ranks) == world:  # the same world size: each rank continues exactly

@@ -69,6 +69,21 @@ class DistEnv:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
+    def on_main(self, fn, *args):
+        """Run ``fn`` on the main process only; every rank gets its result, or raises its UserError."""
+        from distill.errors import UserError
+
+        result = error = None
+        if self.is_main:
+            try:
+                result = fn(*args)
+            except UserError as e:
+                error = str(e)
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise UserError(error)
+        return result
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.cpu_group)

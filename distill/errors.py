@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -40,6 +41,18 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         return 0 if rc is None else rc
 
     return wrapper
+
+
+def note(msg: str) -> None:
+    """A ``note:`` line on stderr, once per run (the main process of a distributed run only)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+def say(msg: str) -> None:
+    """A line on stdout, once per run (the main process of a distributed run only)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,6 +7,7 @@ name beside its destination (same filesystem, so the rename is atomic) and renam
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,20 @@ def publish_folder(staging: Path, dest: Path) -> None:
         shutil.rmtree(old)
     else:
         staging.rename(dest)
+
+
+def write_error(e: BaseException, folder: Path | None = None) -> str:
+    """A short reason for a failed write: errno's words where there are some, else what the machine
+    says (torch.save reports a failed write only as an internal assertion)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"a file reached this process's file-size limit (ulimit -f) of {limit:,} bytes"
+    if folder is not None and shutil.disk_usage(folder).free < 64 << 20:
+        return "the disk is full"
+    text = str(e).strip().splitlines()
+    return text[0][:120] if text else type(e).__name__
 
 
 def is_within(path: str | Path, folder: str | Path) -> bool:

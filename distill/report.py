@@ -77,7 +77,7 @@ def _save(fig, path: Path) -> None:
 def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_seconds: dict[str, float],
                  extra: dict) -> Path:
     """report.md (and report.json) with the comparison table, the stage times and the plots."""
-    from distill.cli.compare import markdown_table
+    from distill.glue.compare import markdown_table
     from distill.glue.tasks import get_task
 
     folder.mkdir(parents=True, exist_ok=True)

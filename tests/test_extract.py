@@ -1,4 +1,4 @@
-"""Student initialisation from teacher layers (distill.cli.extract), on tiny models."""
+"""Student initialisation from teacher layers (distill.extract and its command line), on tiny models."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from distill.cli.extract import default_layers, main, parse_layers, select_layers
+from distill.cli.extract import main
+from distill.extract import default_layers, parse_layers, select_layers
 from distill.errors import UserError
 from tests.test_models import VOCAB, perturb, save_tiny, tiny_config
 

@@ -327,7 +327,8 @@ def test_task_distillation_loss_by_hand():
 
 
 def test_fine_tune_beats_majority_and_saves_a_loadable_folder(teacher_dir, sst_dir, tmp_path, capsys):
-    from distill.cli.run_glue import main, run_glue
+    from distill.cli.run_glue import main
+    from distill.glue.run import run_glue
 
     results = json.loads((teacher_dir / "eval_results.json").read_text())
     majority = 0.65  # the dev file's positive share
@@ -409,7 +410,7 @@ def test_bad_command_lines_end_in_one_sentence(argv, message, sst_dir, bare_bert
 def test_model_folder_refusals(sst_dir, bare_bert, tmp_path):
     from transformers import BertModel
 
-    from distill.cli.run_glue import run_glue
+    from distill.glue.run import run_glue
 
     cfg = {"task_name": "sst-2", "data_dir": str(sst_dir), "output_dir": str(tmp_path / "o"), "do_eval": True,
            "max_seq_length": 32, "disable_tqdm": True}
@@ -460,7 +461,7 @@ def _write_tiny(folder: Path, header: str, rows: list[str]) -> None:
 
 
 def test_regression_and_two_dev_files(bare_bert, tmp_path):
-    from distill.cli.run_glue import run_glue
+    from distill.glue.run import run_glue
 
     base = {"model_name_or_path": str(bare_bert), "do_train": True, "do_eval": True, "max_steps": 3,
             "max_seq_length": 32, "per_device_train_batch_size": 4, "disable_tqdm": True, "learning_rate": 1e-3}
@@ -493,7 +494,8 @@ def test_regression_and_two_dev_files(bare_bert, tmp_path):
 
 
 def test_compare_teacher_and_students(teacher_dir, mlm_student, sst_dir, tmp_path, capsys):
-    from distill.cli.compare import compare, main
+    from distill.cli.compare import main
+    from distill.glue.compare import compare
     from distill.cli.run_glue import main as glue
 
     students = {}

@@ -337,10 +337,15 @@ def test_refuses_missing_inputs(world, tmp_path, capsys):
 # Config
 
 
+# The flags every config needs (validation checks their presence, not the files).
+REQUIRED = ["--dump_path", "d", "--data_file", "x", "--student_type", "distilbert", "--teacher_type", "bert",
+            "--teacher_name", "t", "--student_config", "c"]
+
+
 def test_config_file_is_overridden_by_the_command_line(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("temperature: 3\nalpha_ce: 0.25\nmlm: true\n")
-    cfg, given = parse_config(["--config", str(f), "--alpha_ce", "0.75"])
+    cfg, given = parse_config(["--config", str(f), "--alpha_ce", "0.75", *REQUIRED])
     assert cfg.temperature == 3.0 and cfg.alpha_ce == 0.75 and cfg.mlm is True
     assert cfg.batch_size == 5 and cfg.gradient_accumulation_steps == 50  # the original's defaults
     assert {"temperature", "alpha_ce", "mlm", "config"} <= given
@@ -348,13 +353,13 @@ def test_config_file_is_overridden_by_the_command_line(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text('{"temprature": 3}')
     with pytest.raises(UserError, match="unknown keys: temprature"):
-        parse_config(["--config", str(bad)])
+        parse_config(["--config", str(bad), *REQUIRED])
 
 
 def test_grouping_flags_and_compat_notes(world, tmp_path, capsys):
-    cfg, _ = parse_config(["--no_group_by_size"])
+    cfg, _ = parse_config(["--no_group_by_size", *REQUIRED])
     assert cfg.group_by_size is False
-    cfg, _ = parse_config([])
+    cfg, _ = parse_config(REQUIRED)
     assert cfg.group_by_size is True
     assert train.main(mlm_args(world, tmp_path / "r", "--n_epoch", "1", "--fp16_opt_level", "O2",
                                "--group_by_size", "--freeze_token_type_embds", "--freeze_pos_embs")) == 0
@@ -420,12 +425,12 @@ def test_nan_gradient_with_a_finite_loss_is_dropped(world):
 def test_config_file_types_are_checked(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("learning_rate: 5e-4\n")  # YAML reads this as a string
-    assert parse_config(["--config", str(f)])[0].learning_rate == 5e-4
+    assert parse_config(["--config", str(f), *REQUIRED])[0].learning_rate == 5e-4
     for bad, match in (("temperature: two", "must be a number"), ("max_steps: 2.5", "must be an integer"),
                        ("mlm: 1", "true or false"), ("dump_path: [1]", "must be a string")):
         f.write_text(bad + "\n")
         with pytest.raises(UserError, match=match):
-            parse_config(["--config", str(f)])
+            parse_config(["--config", str(f), *REQUIRED[2:]])  # the file's dump_path is the bad one
 
 
 def test_more_refusals(world, tmp_path, capsys):

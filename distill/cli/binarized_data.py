@@ -13,7 +13,7 @@ import argparse
 import os
 
 from distill.data.binarize import binarize
-from distill.errors import ArgumentParser, UserError, cli_entry
+from distill.errors import ArgumentParser, cli_entry
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,8 +9,10 @@
 | ``losses`` | the task loss and the task-distillation loss (pure functions) |
 | ``config`` | the one config of a run (the command line is built from it) |
 | ``trainer`` | the fine-tuning loop and evaluation |
+| ``run`` | one run_glue job: the checks, fine-tuning or task distillation, evaluation, the output folder |
+| ``compare`` | teacher and students side by side: parameters, speed measured in one run, metrics |
 
-The commands are ``distill.cli.run_glue`` (``distill-glue``) and ``distill.cli.compare``
+Their command lines are ``distill.cli.run_glue`` (``distill-glue``) and ``distill.cli.compare``
 (``distill-compare``).
 """
 

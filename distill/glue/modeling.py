@@ -16,9 +16,9 @@ from pathlib import Path
 from torch import nn
 
 from distill.errors import UserError
+from distill.hf import VOCAB_FILES, has_tokenizer, quiet_transformers
 from distill.glue.tasks import Task
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 ARGS_FILE = "glue_args.json"  # written by run_glue next to a fine-tuned model
@@ -91,21 +91,17 @@ def check_model_folder(path: str | Path, flag: str) -> Path:
 def load_tokenizer(folder: str | Path, flag: str = "--model_name_or_path"):
     """The tokenizer saved in ``folder``; a UserError if it has none."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     # AutoTokenizer does not fail on a folder without tokenizer files: it returns a tiny default.
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(f"{flag} {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); save the "
+    if not has_tokenizer(folder):
+        raise UserError(f"{flag} {folder} has no tokenizer files ({', '.join(VOCAB_FILES[:3])}); save the "
                         "tokenizer next to the model")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with quiet_transformers(progress_bars=True):
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many kinds for a broken tokenizer folder
         raise UserError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def read_glue_args(folder: str | Path) -> dict | None:
@@ -154,24 +150,15 @@ def load_teacher(folder: str | Path, task: Task, *, dtype=None) -> Classifier:
 
 
 def _load(auto_cls, folder: Path, flag: str, dtype, kwargs: dict) -> Classifier:
-    from transformers.utils import logging as hf_logging
-
     kwargs = {"local_files_only": True, "output_loading_info": True, **kwargs}
     if dtype is not None:
         kwargs["dtype"] = dtype
     # transformers prints a table of new weights and a progress bar; we say it in one line instead.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        model, info = auto_cls.from_pretrained(folder, **kwargs)
+        with quiet_transformers():
+            model, info = auto_cls.from_pretrained(folder, **kwargs)
     except (RuntimeError, ValueError, OSError, KeyError) as e:  # unknown architecture, bad weights
         raise UserError(f"cannot load {flag} {folder} as a sequence classifier: {_first_line(e)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     return Classifier(
         model=model,
         folder=folder,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from distill import optim as O
 from distill.errors import UserError
 from distill.glue.config import GlueConfig
 from distill.glue.features import Features, batch_indices, collate
@@ -41,11 +41,6 @@ def pick_device(no_cuda: bool = False) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on this device when asked (CPU autocast supports bf16), a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], token_types: bool) -> torch.Tensor:
     """The model's task outputs (B, C) for a collated batch already on its device."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -54,26 +49,9 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], token_types
     return model(**inputs).logits
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Learning-rate factor rising linearly 0 -> 1 over ``warmup_steps``, then falling to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)  # never exactly 0: the first step already learns a little
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def adamw(model: nn.Module, cfg: GlueConfig) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases and LayerNorm weights (the BERT recipe)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+    return O.adamw(model.named_parameters(), lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
 
 def total_steps(n_examples: int, cfg: GlueConfig) -> int:
@@ -92,7 +70,7 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
     per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
     warmup = int(cfg.warmup_prop * steps)
     optimizer = adamw(model, cfg)
-    scheduler = linear_warmup_decay(optimizer, warmup, steps)
+    scheduler = O.linear_warmup_decay(optimizer, warmup, steps)
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(cfg.seed)
     s_types = takes_token_types(model)
@@ -111,10 +89,10 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
         for idx in batch_indices(n, cfg.per_device_train_batch_size, shuffle=True, generator=generator):
             batch = collate(feats, idx, pad_id, token_types=True)  # segment ids kept for whichever model takes them
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, cfg.bf16):
+            with O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
                 logits = forward_logits(model, batch, s_types)  # (B, C)
             if teacher is not None:
-                with torch.inference_mode(), autocast(device, cfg.bf16):
+                with torch.inference_mode(), O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
                     t_logits = forward_logits(teacher, batch, t_types)
                 t_logits = t_logits.float().clone()  # a normal tensor: inference tensors cannot enter autograd
                 loss, parts = task_distillation_loss(logits, t_logits, batch["labels"], temperature=cfg.temperature,
@@ -168,7 +146,7 @@ def predict(model: nn.Module, feats: Features, *, batch_size: int, device: torch
     bar = progress(total=len(feats), desc=desc, unit="ex") if progress else None
     for idx in batch_indices(len(feats), batch_size):
         batch = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
-        with autocast(device, bf16):
+        with O.autocast(device, torch.bfloat16 if bf16 else None):
             out.append(forward_logits(model, batch, types).float().cpu())
         if bar is not None:
             bar.update(len(idx))

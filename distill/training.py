@@ -1,0 +1,289 @@
+"""Setting up a distillation run from its config: the models, the data, every check between them,
+the hidden-state alignment, the collator, and writing the student. ``distill/cli/train.py`` wires
+these together; everything a user can get wrong is refused here, before the first step, with one
+sentence.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill import losses as L
+from distill import models as M
+from distill.config import TrainConfig
+from distill.data.binarize import vocab_fingerprint
+from distill.data.collate import Collator, mlm_token_probs
+from distill.data.counts import load_token_counts
+from distill.data.dataset import LMSeqsDataset
+from distill.distributed import launched_by_torchrun
+from distill.errors import UserError, note
+from distill.fileio import write_error
+from distill.hf import has_tokenizer, quiet_transformers
+from distill.testing.faults import kill_point
+
+
+@dataclass
+class Run:
+    """Everything a run trains with, loaded and checked against each other."""
+
+    dataset: LMSeqsDataset
+    teacher: M.LoadedModel
+    student: M.LoadedModel
+    tokenizer: object | None  # the teacher's, saved with the student; None when its folder has none
+    collator: Collator
+    layer_map: list[tuple[int, int]] | None  # (student layer, teacher layer) for the hidden-state losses
+    projection: torch.nn.Module | None  # learned student -> teacher width map, when the widths differ
+
+
+def build_run(cfg: TrainConfig, world_size: int = 1) -> Run:
+    """Load data, teacher and student, check that they fit together and the flags fit them."""
+    for name in ("teacher_name", "data_file"):
+        if not Path(getattr(cfg, name)).exists():
+            raise UserError(f"--{name} {getattr(cfg, name)} does not exist")
+    dataset = LMSeqsDataset(cfg.data_file, max_model_input_size=cfg.max_model_input_size)
+    teacher = load_teacher(cfg)
+    student = build_student(cfg)
+    tok = teacher_tokenizer(cfg)
+    check_compatibility(cfg, teacher, student, dataset, tok)
+    check_sizes(cfg, teacher, student, dataset, world_size)
+    layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
+    freeze(cfg, student.model)
+    return Run(dataset, teacher, student, tok, build_collator(cfg, dataset), layer_map, projection)
+
+
+# -- flags ------------------------------------------------------------------------------------
+
+
+def warn_about_flags(cfg: TrainConfig, given: set[str]) -> None:
+    """Flags accepted for compatibility that act differently here, or not at all in this set-up."""
+    if "fp16_opt_level" in given:
+        note("--fp16_opt_level is apex's; mixed precision here is torch.amp "
+             "(--fp16: fp16 autocast with a gradient scaler, --bf16: bf16 autocast), the level is ignored")
+    if "group_by_size" in given and cfg.group_by_size:
+        note("length grouping is on by default (the original's --group_by_size turned it off); "
+             "--no_group_by_size turns it off")
+    if cfg.mlm and "alpha_clm" in given and cfg.alpha_clm > 0:
+        note("--alpha_clm has no effect with --mlm (the student is trained with MLM)")
+    if not cfg.mlm and "alpha_mlm" in given and cfg.alpha_mlm > 0:
+        note("--alpha_mlm has no effect without --mlm (the student is trained with CLM)")
+    launched = launched_by_torchrun()
+    if "local_rank" in given and cfg.local_rank != -1 and not launched:
+        note("--local_rank is set by launchers; without WORLD_SIZE > 1 this run is a single process")
+    if cfg.n_gpu > 1 and not launched:
+        note(f"--n_gpu {cfg.n_gpu}: one process uses one GPU; launch one process per GPU with "
+             f"'torchrun --nproc_per_node {cfg.n_gpu} train.py ...'")
+    if not cfg.mlm and cfg.token_counts is not None:
+        note("--token_counts has no effect without --mlm")
+
+
+def use_gpu(cfg: TrainConfig, given: set[str]) -> bool:
+    if cfg.n_gpu > 0 and torch.cuda.is_available():
+        return True
+    if cfg.fp16:
+        raise UserError("--fp16 needs a GPU; on the CPU use --bf16")
+    if "n_gpu" in given and cfg.n_gpu > 0:
+        note("no GPU found: training on the CPU")
+    return False
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def load_teacher(cfg: TrainConfig) -> M.LoadedModel:
+    with quiet_transformers(progress_bars=True):  # newly initialised weights are detected and said in one line
+        loaded = M.load_model(cfg.teacher_type, cfg.teacher_name)
+    if loaded.lm_head_initialized:
+        note(f"the teacher {cfg.teacher_name} has no LM head in its checkpoint: only the hidden-state losses "
+             "(--alpha_cos, --alpha_hidden_mse) can use it")
+    return loaded
+
+
+def teacher_tokenizer(cfg: TrainConfig):
+    """The teacher's tokenizer, or None when its folder holds none."""
+    from transformers import AutoTokenizer
+
+    name = Path(cfg.teacher_name)
+    if name.suffix != ".gguf" and not has_tokenizer(name):
+        return None  # AutoTokenizer would return a tiny default instead of failing
+    try:
+        with quiet_transformers(progress_bars=True):
+            if name.suffix == ".gguf":
+                return AutoTokenizer.from_pretrained(name.parent, gguf_file=name.name, local_files_only=True)
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # no tokenizer files next to the teacher
+        return None
+
+
+def build_student(cfg: TrainConfig) -> M.LoadedModel:
+    """The student from --student_pretrained_weights, or initialised at random from --student_config
+    (drawing from the generators seeded at the start of the run)."""
+    if cfg.student_pretrained_weights is not None:
+        loaded = M.load_model(cfg.student_type, cfg.student_pretrained_weights)
+        if cfg.student_config is not None:
+            note("--student_config is ignored: the config comes with --student_pretrained_weights")
+        return loaded
+    try:
+        model = M.build_model(cfg.student_type, cfg.student_config,
+                              overrides={"initializer_range": cfg.initializer_range})
+    except (ValueError, TypeError) as e:  # transformers' config validation
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--student_config {cfg.student_config} is not a valid {cfg.student_type} config: "
+                        f"{first}") from None
+    return M.LoadedModel(model=model, objective=M.model_objective(model))
+
+
+def check_compatibility(cfg: TrainConfig, teacher: M.LoadedModel, student: M.LoadedModel, dataset: LMSeqsDataset,
+                        tok) -> None:
+    """Objectives, vocabularies, the data's tokenizer, the heads the losses need."""
+    t_cfg, s_cfg = teacher.model.config, student.model.config
+    if cfg.mlm and student.objective != "mlm":
+        raise UserError(f"--mlm needs a masked LM student, but {cfg.student_type} is causal; drop --mlm to train "
+                        "it with --alpha_clm")
+    if not cfg.mlm and student.objective != "clm":
+        raise UserError(f"the {cfg.student_type} student is a masked LM: pass --mlm (causal LM needs a causal model)")
+    if teacher.objective != student.objective:
+        raise UserError(f"the teacher is a {teacher.objective.upper()} model and the student a "
+                        f"{student.objective.upper()} model; both must be masked or both causal")
+    if t_cfg.vocab_size != s_cfg.vocab_size:
+        raise UserError(f"teacher and student vocabularies differ ({t_cfg.vocab_size} vs {s_cfg.vocab_size} ids)")
+    meta = dataset.meta
+    if meta["vocab_size"] > s_cfg.vocab_size:
+        top = dataset.max_token_id()
+        if top >= s_cfg.vocab_size:
+            raise UserError(f"{cfg.data_file} holds token id {top}, beyond the models' {s_cfg.vocab_size} ids")
+    if tok is None:
+        note("the teacher folder has no tokenizer, so the data's tokenizer cannot be checked against it")
+    elif meta.get("vocab_fingerprint") != vocab_fingerprint(tok):
+        raise UserError(f"{cfg.data_file} was binarized with another tokenizer ({meta.get('tokenizer_name')}) "
+                        "than the teacher's; binarize it with --tokenizer_name set to the teacher")
+    if (cfg.alpha_ce > 0 or cfg.alpha_mse > 0) and teacher.lm_head_initialized:
+        which = "--alpha_ce" if cfg.alpha_ce > 0 else "--alpha_mse"
+        raise UserError(f"{which} needs the teacher's LM head, but {cfg.teacher_name} has none (its head would be "
+                        "random); set it to 0 and use --alpha_cos / --alpha_mlm")
+    if cfg.mlm and dataset.meta["special_token_ids"].get("mask_token") is None:
+        raise UserError(f"--mlm needs a mask token, and the tokenizer of {cfg.data_file} has none")
+    if cfg.freeze_pos_embs and not M.has_position_embeddings(student.model):
+        note("--freeze_pos_embs has no effect: the student has no position embeddings")
+    if cfg.freeze_token_type_embds and not M.has_token_type_embeddings(student.model):
+        note("--freeze_token_type_embds has no effect: the student has no token type embeddings")
+
+
+def check_sizes(cfg: TrainConfig, teacher: M.LoadedModel, student: M.LoadedModel, dataset: LMSeqsDataset,
+                world_size: int) -> None:
+    """The longest input fits both models' positions; the data fills at least one global batch."""
+    for who, loaded in (("student", student), ("teacher", teacher)):
+        max_pos = M.max_positions(loaded.model.config)
+        if max_pos is not None and cfg.max_model_input_size > max_pos:
+            raise UserError(f"--max_model_input_size {cfg.max_model_input_size} exceeds the {who}'s "
+                            f"{max_pos} positions")
+    if len(dataset) < cfg.batch_size * world_size:
+        raise UserError(f"{cfg.data_file} has {len(dataset)} examples, fewer than one batch of --batch_size "
+                        f"{cfg.batch_size}" + (f" on each of {world_size} processes" if world_size > 1 else ""))
+
+
+def hidden_alignment(cfg: TrainConfig, teacher, student):
+    """Layer map and projection for the hidden-state losses (None when they are off)."""
+    if cfg.alpha_cos == 0 and cfg.alpha_hidden_mse == 0:
+        if cfg.layer_map is not None:
+            note("--layer_map has no effect without --alpha_cos or --alpha_hidden_mse")
+        return None, None
+    n_s, n_t = M.num_layers(student.config), M.num_layers(teacher.config)
+    if cfg.layer_map is None:
+        layer_map = L.default_layer_map(n_s, n_t)
+    else:
+        try:
+            layer_map = L.parse_layer_map(cfg.layer_map, n_student=n_s, n_teacher=n_t)
+        except ValueError as e:
+            raise UserError(f"--layer_map: {e}") from None
+    h_s, h_t = M.hidden_size(student.config), M.hidden_size(teacher.config)
+    if h_s != h_t and cfg.hidden_projection == "none":
+        raise UserError(f"student and teacher hidden sizes differ ({h_s} vs {h_t}) and --hidden_projection is none; "
+                        "use --hidden_projection auto for a learned projection")
+    projection = L.HiddenProjection(h_s, h_t, len(layer_map)) if h_s != h_t else None
+    return layer_map, projection
+
+
+def freeze(cfg: TrainConfig, student) -> None:
+    for name, p in student.named_parameters():
+        if cfg.freeze_pos_embs and "position_embeddings" in name:
+            p.requires_grad_(False)
+        if cfg.freeze_token_type_embds and "token_type_embeddings" in name:
+            p.requires_grad_(False)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def build_collator(cfg: TrainConfig, dataset: LMSeqsDataset) -> Collator:
+    """Padding and labels: MLM masking (weighted by --token_counts) with --mlm, CLM labels without."""
+    special = dataset.meta["special_token_ids"]
+    pad_id = special.get("pad_token", special.get("eos_token", 0))
+    if not cfg.mlm:
+        return Collator(pad_id, causal=True, seed=cfg.seed)
+    vocab = dataset.meta["vocab_size"]
+    if cfg.token_counts is not None:
+        counts = load_token_counts(cfg.token_counts, vocab)
+    else:
+        note("no --token_counts: MLM chooses tokens uniformly (mlm_smoothing has no effect)")
+        counts = np.ones(vocab, dtype=np.int64)
+    probs = mlm_token_probs(counts, cfg.mlm_smoothing, sorted(set(special.values())))
+    return Collator(pad_id, mlm=True, mask_id=special["mask_token"], token_probs=probs,
+                    mlm_mask_prop=cfg.mlm_mask_prop, word_mask=cfg.word_mask, word_keep=cfg.word_keep,
+                    word_rand=cfg.word_rand, seed=cfg.seed)
+
+
+# -- what the run leaves --------------------------------------------------------------------
+
+
+def git_info() -> dict:
+    try:
+        import git
+
+        repo = git.Repo(Path(__file__).resolve().parents[1], search_parent_directories=True)
+        return {"repo_id": str(repo.working_dir), "repo_sha": repo.head.object.hexsha,
+                "repo_branch": repo.active_branch.name if not repo.head.is_detached else None,
+                "dirty": repo.is_dirty()}
+    except Exception as e:  # not a checkout, git missing, detached or empty repository
+        return {"repo_id": None, "note": f"not run from a git checkout ({type(e).__name__})"}
+
+
+def write_student(student, tok, folder: Path) -> None:
+    """The student (safetensors) and the tokenizer, so that from_pretrained(folder) loads them."""
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with quiet_transformers():  # no one-shard "Writing model shards" bar
+            student.save_pretrained(folder)
+            if tok is not None:
+                tok.save_pretrained(folder)
+    except (OSError, RuntimeError) as e:  # a full disk or a file-size limit
+        shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(f"could not write the student to {folder.parent} ({write_error(e, folder.parent)}); the "
+                        "checkpoints are kept: free some space, then run the same command with --resume") from None
+
+
+def save_student(student, tok, folder: Path) -> None:
+    """Write the student into a temporary folder, then rename it to ``folder``."""
+    tmp = folder.parent / f".{folder.name}.tmp"
+    write_student(student, tok, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def save_final_student(student, tok, dump: Path) -> None:
+    """The student at the top of dump_path: written aside, then each file moved in by rename, the
+    weights last, so that a folder with weights holds a whole student. A kill in between leaves the
+    checkpoints, and --resume writes the student again."""
+    tmp = dump / ".final.tmp"
+    write_student(student, tok, tmp)
+    files = sorted(tmp.iterdir(), key=lambda p: p.suffix in (".safetensors", ".bin"))
+    for i, p in enumerate(files):
+        if i == len(files) // 2:
+            kill_point("during_final_save")
+        os.replace(p, dump / p.name)
+    tmp.rmdir()
