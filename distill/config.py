@@ -47,7 +47,8 @@ class TrainConfig:
     alpha_mse: float = _f(0.0, "weight of the MSE between student and teacher logits")
     alpha_cos: float = _f(0.0, "weight of the cosine loss between hidden states")
     alpha_hidden_mse: float = _f(0.0, "weight of the MSE between hidden states (added here)")
-    layer_map: str = _f(None, "hidden-state pairs 'student:teacher,...' (1-based; default: uniform; added here)")
+    layer_map: str = _f(None, "hidden-state pairs 'student:teacher,...': 0 is the embeddings, k the output of "
+                              "layer k (default: evenly spaced; added here)")
     hidden_projection: str = _f("auto", "auto: a learned linear map when widths differ; none: refuse "
                                         "different widths (added here)", choices=["auto", "none"])
     restrict_ce_to_mask: bool = _f(False, "soft-target and logit MSE losses only on masked positions")

@@ -23,7 +23,7 @@ from distill.data.counts import load_token_counts
 from distill.data.dataset import LMSeqsDataset
 from distill.distributed import launched_by_torchrun
 from distill.errors import UserError, note
-from distill.fileio import write_error
+from distill.fileio import publish_folder, temp_name, write_error
 from distill.hf import has_tokenizer, quiet_transformers
 from distill.testing.faults import kill_point
 
@@ -269,10 +269,9 @@ def write_student(student, tok, folder: Path) -> None:
 
 def save_student(student, tok, folder: Path) -> None:
     """Write the student into a temporary folder, then rename it to ``folder``."""
-    tmp = folder.parent / f".{folder.name}.tmp"
+    tmp = temp_name(folder)
     write_student(student, tok, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    publish_folder(tmp, folder)
 
 
 def save_final_student(student, tok, dump: Path) -> None:

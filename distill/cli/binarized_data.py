@@ -21,8 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--file_path", required=True,
                    help="corpus: plain text with one document per line (.txt, .gz) or .jsonl with a 'text' field")
     p.add_argument("--tokenizer_type", default="bert", choices=["bert", "roberta", "gpt2", "auto"],
-                   help="tokenizer family; sequences are wrapped in its start/end tokens "
-                        "(cls/sep where defined, else bos/eos)")
+                   help="recorded in meta.json (DistilBERT's flag); the tokenizer of --tokenizer_name decides "
+                        "everything, including the start/end tokens each line is wrapped in (cls/sep where "
+                        "defined, else bos/eos)")
     p.add_argument("--tokenizer_name", required=True,
                    help="a local folder with tokenizer files (e.g. the teacher's), loaded offline")
     p.add_argument("--dump_file", required=True, help="dataset folder to write (tokens.bin, offsets.npy, meta.json)")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from distill.data.counts import count_tokens
 from distill.errors import ArgumentParser, UserError, cli_entry
+from distill.fileio import atomic_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,10 +37,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     counts = count_tokens(args.data_file, args.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file handle, so np.save does not append ".npy" to the name
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a handle, so np.save does not append ".npy"
         np.save(f, counts)
-    os.replace(tmp, out)
     print(f"counted {int(counts.sum()):,} tokens over {len(counts):,} ids "
           f"({int((counts > 0).sum()):,} seen) in {time.perf_counter() - t0:.2f}s to {out}")
     return 0

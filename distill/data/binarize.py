@@ -28,6 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from distill.errors import UserError
+from distill.fileio import publish_folder
+from distill.hf import quiet_transformers
 
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
@@ -121,18 +123,14 @@ def iter_lines(path: Path, max_lines: int | None = None) -> Iterator[tuple[str, 
 def load_tokenizer(name: str):
     """Load a fast tokenizer from a local folder (or the local cache) without touching the network."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=True)
+        with quiet_transformers(progress_bars=True):
+            tok = AutoTokenizer.from_pretrained(name, use_fast=True, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
         raise UserError(f"could not load a tokenizer from {name!r} ({type(e).__name__}); "
                         "give a local folder with tokenizer files") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if not getattr(tok, "is_fast", False):
         raise UserError(f"the tokenizer at {name!r} has no fast (Rust) implementation")
     return tok
@@ -282,13 +280,7 @@ def binarize(
             "max_lines": max_lines,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if dst.exists():  # --overwrite: swap the new folder in, then drop the old one
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        publish_folder(tmp, dst)  # --overwrite: the old folder goes only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

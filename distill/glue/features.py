@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from distill.errors import UserError
+from distill.fileio import atomic_path
 from distill.glue.tasks import Example, Task, read_split, split_path
 
 CACHE_VERSION = 1
@@ -142,13 +142,8 @@ def save_features(feats: Features, path: Path) -> None:
               "meta": np.array(json.dumps(feats.meta))}
     if feats.token_type_ids is not None:
         arrays["token_type_ids"] = feats.token_type_ids
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a handle, so numpy does not append another ".npz"
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a handle, so numpy does not append ".npz"
+        np.savez(f, **arrays)
 
 
 def read_features(path: Path) -> Features:
