@@ -300,12 +300,18 @@ class Distiller:
             if self.scaler is not None:
                 self.scaler.update()  # the unscale_ above must be closed by an update
             return None
+        stepped = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skips the step itself if the scaled grads overflowed
             self.scaler.update()
+            # It backs off only after an overflow: then no update was made, and the schedule must not
+            # move either (fp16's first steps calibrate the scale; they are not bad steps).
+            stepped = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
