@@ -131,6 +131,42 @@ def compare(teacher_dir: str | Path, student_dirs: list | dict, data_dir: str | 
     earlier ones unless ``overwrite``).
     """
     entries = _named(teacher_dir, student_dirs)
+    glue_task, data_dir, max_seq_length = _resolve_task(entries, task, data_dir, max_seq_length)
+    for name, value in (("batch_size", batch_size), ("num_examples", num_examples), ("repeats", repeats)):
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if warmup_batches < 0:
+        raise UserError(f"--warmup_batches must not be negative, got {warmup_batches}")
+    out = _check_output(output, overwrite)
+    device = pick_device(no_cuda)
+    loaded = [_load_entry(name, role, folder, glue_task) for name, role, folder in entries]
+    load = functools.partial(load_features, glue_task, data_dir, max_seq_length=max_seq_length,
+                             overwrite_cache=overwrite_cache, log=log)
+    rows, timed = [], []
+    for entry in loaded:
+        row, batches = _score_and_batches(entry, glue_task, load, evaluate=evaluate, batch_size=batch_size,
+                                          num_examples=num_examples, device=device, bf16=bf16,
+                                          progress=progress_bars(disable_tqdm), log=log)
+        rows.append(row)
+        timed.append((entry[4].model, batches))
+    n_timed = rows[0]["n_timed"]
+    if any(r["n_timed"] != n_timed for r in rows):
+        raise UserError("the models' dev files hold different numbers of examples")
+    log(f"timing {len(rows)} models on {n_timed} dev sentences, batch size {batch_size}, {repeats} rounds on {device}")
+    speeds = measure_speed(timed, n_timed, repeats=repeats, warmup_batches=warmup_batches, device=device, bf16=bf16)
+    _relative_to_teacher(rows, speeds)
+    table = markdown_table(glue_task, rows)
+    print(table, flush=True)
+    if out is not None:
+        settings = {"task_name": glue_task.name, "data_dir": str(data_dir), "batch_size": batch_size,
+                    "max_seq_length": max_seq_length, "timed_examples": n_timed, "repeats": repeats,
+                    "device": str(device), "bf16": bf16, "torch_threads": torch.get_num_threads()}
+        _write_report(out, settings, rows, table, log)
+    return rows
+
+
+def _resolve_task(entries, task, data_dir, max_seq_length):
+    """The task, data folder and length: as given, else as the teacher was fine-tuned."""
     for _, role, folder in entries:
         check_model_folder(folder, f"the {role} folder")
     saved = read_glue_args(entries[0][2]) or {}
@@ -139,67 +175,59 @@ def compare(teacher_dir: str | Path, student_dirs: list | dict, data_dir: str | 
         if task is None:
             raise UserError(f"the teacher {entries[0][2]} does not say which task it was fine-tuned on; "
                             "pass --task_name")
-    glue_task = get_task(task)
     data_dir = data_dir if data_dir is not None else saved.get("data_dir")
     if data_dir is None:
         raise UserError("pass --data_dir (the teacher folder does not record one)")
-    max_seq_length = max_seq_length or saved.get("max_seq_length") or 128
-    for name, value in (("batch_size", batch_size), ("num_examples", num_examples), ("repeats", repeats)):
-        if value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    if warmup_batches < 0:
-        raise UserError(f"--warmup_batches must not be negative, got {warmup_batches}")
-    out = None
-    if output is not None:
-        out = Path(output)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--output {out} exists and is not a folder")
-        if (out / REPORT_JSON).exists() and not overwrite:
-            raise UserError(f"{out / REPORT_JSON} already exists; pass --overwrite to replace it")
+    return get_task(task), data_dir, max_seq_length or saved.get("max_seq_length") or 128
 
-    device = pick_device(no_cuda)
-    progress = progress_bars(disable_tqdm)
-    loaded = []
-    for name, role, folder in entries:
-        glue_args = read_glue_args(folder)
-        if glue_args is not None and glue_args.get("task_name") not in (None, glue_task.name):
-            raise UserError(f"the {role} {folder} was fine-tuned on {glue_args['task_name']}, not {glue_task.name}")
-        tok = load_tokenizer(folder, f"the {role} folder")
-        clf = load_classifier(folder, glue_task, flag=f"the {role} folder")
-        if clf.new_weights or clf.resized_weights:
-            raise UserError(f"the {role} {folder} has no classification head trained on {glue_task.name}; "
-                            "fine-tune it with run_glue --do_train first")
-        pad_id = set_padding(clf, tok)
-        loaded.append((name, role, folder, tok, clf, pad_id))
 
-    rows = []
-    timed = []
-    for name, role, folder, tok, clf, pad_id in loaded:
-        load = functools.partial(load_features, glue_task, data_dir, tok=tok, model_name_or_path=folder,
-                                 max_seq_length=max_seq_length, overwrite_cache=overwrite_cache, log=log)
-        results = None if evaluate else _metrics_from_folder(folder, glue_task)
-        source = "eval_results.json"
-        if results is None:
-            feats = {split: load(split=split) for split in glue_task.dev_splits}
-            log(f"evaluating {name} ({folder})")
-            results = evaluate_task(clf.model, glue_task, feats, batch_size=batch_size, device=device, pad_id=pad_id,
-                                    bf16=bf16, progress=progress, log=log)
-            source = "evaluated here"
-        speed_feats = subset(load(split=glue_task.dev_splits[0]), num_examples)
-        # segment ids are collated for all; forward_logits passes them only to models that take them
-        batches = [{k: v.to(device) for k, v in collate(speed_feats, idx, pad_id, token_types=True).items()}
-                   for idx in batch_indices(len(speed_feats), batch_size)]
-        timed.append((clf.model, batches))
-        rows.append({"name": name, "role": role, "path": str(folder), "model_class": type(clf.model).__name__,
-                     "parameters": clf.num_parameters, "metrics": dict(results["metrics"]),
-                     "score": float(results["score"]), "metrics_source": source,
-                     "n_timed": len(speed_feats)})
+def _check_output(output, overwrite: bool) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} exists and is not a folder")
+    if (out / REPORT_JSON).exists() and not overwrite:
+        raise UserError(f"{out / REPORT_JSON} already exists; pass --overwrite to replace it")
+    return out
 
-    n_timed = rows[0]["n_timed"]
-    if any(r["n_timed"] != n_timed for r in rows):
-        raise UserError("the models' dev files hold different numbers of examples")
-    log(f"timing {len(rows)} models on {n_timed} dev sentences, batch size {batch_size}, {repeats} rounds on {device}")
-    speeds = measure_speed(timed, n_timed, repeats=repeats, warmup_batches=warmup_batches, device=device, bf16=bf16)
+
+def _load_entry(name: str, role: str, folder: Path, glue_task: Task):
+    """(name, role, folder, tokenizer, classifier, pad id) of a model fine-tuned on ``glue_task``."""
+    glue_args = read_glue_args(folder)
+    if glue_args is not None and glue_args.get("task_name") not in (None, glue_task.name):
+        raise UserError(f"the {role} {folder} was fine-tuned on {glue_args['task_name']}, not {glue_task.name}")
+    tok = load_tokenizer(folder, f"the {role} folder")
+    clf = load_classifier(folder, glue_task, flag=f"the {role} folder")
+    if clf.new_weights or clf.resized_weights:
+        raise UserError(f"the {role} {folder} has no classification head trained on {glue_task.name}; "
+                        "fine-tune it with run_glue --do_train first")
+    return name, role, folder, tok, clf, set_padding(clf, tok)
+
+
+def _score_and_batches(entry, glue_task: Task, load, *, evaluate: bool, batch_size: int, num_examples: int,
+                       device: torch.device, bf16: bool, progress, log) -> tuple[dict, list[dict]]:
+    """The model's row (its saved dev results, or evaluated here) and its timing batches, on the device."""
+    name, role, folder, tok, clf, pad_id = entry
+    results = None if evaluate else _metrics_from_folder(folder, glue_task)
+    source = "eval_results.json"
+    if results is None:
+        feats = {split: load(split=split, tok=tok, model_name_or_path=folder) for split in glue_task.dev_splits}
+        log(f"evaluating {name} ({folder})")
+        results = evaluate_task(clf.model, glue_task, feats, batch_size=batch_size, device=device, pad_id=pad_id,
+                                bf16=bf16, progress=progress, log=log)
+        source = "evaluated here"
+    speed_feats = subset(load(split=glue_task.dev_splits[0], tok=tok, model_name_or_path=folder), num_examples)
+    # segment ids are collated for all; forward_logits passes them only to models that take them
+    batches = [{k: v.to(device) for k, v in collate(speed_feats, idx, pad_id, token_types=True).items()}
+               for idx in batch_indices(len(speed_feats), batch_size)]
+    row = {"name": name, "role": role, "path": str(folder), "model_class": type(clf.model).__name__,
+           "parameters": clf.num_parameters, "metrics": dict(results["metrics"]), "score": float(results["score"]),
+           "metrics_source": source, "n_timed": len(speed_feats)}
+    return row, batches
+
+
+def _relative_to_teacher(rows: list[dict], speeds: list[dict]) -> None:
     teacher = rows[0]
     for row, speed in zip(rows, speeds):
         row.update(speed)
@@ -208,20 +236,17 @@ def compare(teacher_dir: str | Path, student_dirs: list | dict, data_dir: str | 
         row["parameters_pct_of_teacher"] = 100.0 * row["parameters"] / teacher["parameters"]
         row["pct_of_teacher"] = 100.0 * row["score"] / teacher["score"] if teacher["score"] > 0 else None
 
-    table = markdown_table(glue_task, rows)
-    print(table, flush=True)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        header = (f"# {glue_task.name}: teacher vs students\n\nData: {data_dir}. Speed: {n_timed} dev sentences, batch "
-                  f"size {batch_size}, max length {max_seq_length}, median of {repeats} interleaved timed passes after "
-                  f"a warm-up, on {device}{' with bf16' if bf16 else ''}. Metrics ×100.\n\n")
-        report = {"task_name": glue_task.name, "data_dir": str(data_dir), "batch_size": batch_size,
-                  "max_seq_length": max_seq_length, "timed_examples": n_timed, "repeats": repeats,
-                  "device": str(device), "bf16": bf16, "torch_threads": torch.get_num_threads(), "rows": rows}
-        write_atomic(out / REPORT_MD, header + table + "\n")
-        write_atomic(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-        log(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
-    return rows
+
+def _write_report(out: Path, settings: dict, rows: list[dict], table: str, log) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    s = settings
+    header = (f"# {s['task_name']}: teacher vs students\n\nData: {s['data_dir']}. Speed: {s['timed_examples']} dev "
+              f"sentences, batch size {s['batch_size']}, max length {s['max_seq_length']}, median of {s['repeats']} "
+              f"interleaved timed passes after a warm-up, on {s['device']}{' with bf16' if s['bf16'] else ''}. "
+              "Metrics ×100.\n\n")
+    write_atomic(out / REPORT_MD, header + table + "\n")
+    write_atomic(out / REPORT_JSON, json.dumps({**settings, "rows": rows}, indent=2) + "\n")
+    log(f"wrote {out / REPORT_MD} and {out / REPORT_JSON}")
 
 
 def markdown_table(task: Task, rows: list[dict]) -> str:
