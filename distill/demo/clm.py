@@ -12,7 +12,7 @@ Stages, each timed and each reused on a second run:
 6. perplexity of the teacher, the extracted student and the distilled student on the held-out texts
    (the same windows of the same tokens for all three), printed and saved as JSON and Markdown.
 
-    python -m distill.demo_clm --run_dir runs/demo-clm [--quick]
+    python -m distill.demo.clm --run_dir runs/demo-clm [--quick]
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill import assets
 from distill import checkpoint as C
 from distill import models as M
+from distill.demo import assets
 from distill.errors import UserError, cli_entry
 
 CORPUS_RANGE = "Gen1:1-Mal4:6"  # the Old Testament: what the student is distilled on

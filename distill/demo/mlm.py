@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import assets
 from distill.data.binarize import binarize, read_meta
 from distill.data.collate import Collator, mlm_token_probs
 from distill.data.counts import count_tokens
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler, padding_fraction
+from distill.demo import assets
 from distill.errors import UserError, cli_entry
 
 
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     similarity_file = run_dir / f"embedding_similarity{suffix}.json"
 
     def do_similarity():
-        from distill.similarity import embedding_similarity
+        from distill.demo.similarity import embedding_similarity
 
         students = {"student_distilled": student, "student_extracted": student_init}
         stamp = {k: (p / "model.safetensors").stat().st_mtime for k, p in students.items()}
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     rows = stages.run("compare (inference speed measured side by side)", do_compare)
 
     def do_report():
-        from distill.report import write_report
+        from distill.demo.report import write_report
 
         stages.times["total"] = time.perf_counter() - t_start
         path = write_report(report_dir, rows, student / "metrics.jsonl", stages.times,
