@@ -7,6 +7,7 @@
   SmolLM2-135M-Instruct (a GGUF file) into a 15-layer student and score all three on held-out text.
 
 Beside them: :mod:`~distill.demo.assets` (where the models and texts come from),
-:mod:`~distill.demo.similarity` (sentence-embedding similarity to the teacher)
-and :mod:`~distill.demo.report` (the MLM demo's report). Importing this package imports neither demo.
+:mod:`~distill.demo.similarity` (sentence-embedding similarity to the teacher),
+:mod:`~distill.demo.report` (the MLM demo's report) and :mod:`~distill.demo.stages` (the stage runner
+both demos share: timed stages, reused once finished). Importing this package imports neither demo.
 """

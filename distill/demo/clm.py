@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from distill import checkpoint as C
 from distill import models as M
 from distill.demo import assets
+from distill.demo.stages import Stages, offline_environment, restart_flags
 from distill.errors import UserError, cli_entry
 
 CORPUS_RANGE = "Gen1:1-Mal4:6"  # the Old Testament: what the student is distilled on
@@ -183,26 +184,6 @@ def convert_gguf(gguf_folder: Path, gguf_name: str, dest: Path) -> dict:
 # The recipe
 
 
-class Stages:
-    """Prints each stage's name and wall time; keeps the time of the run that did each stage's work."""
-
-    def __init__(self, timings_file: Path):
-        self.file = timings_file
-        self.done: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-        self.now: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        print(f"\n== {name}", flush=True)
-        t0 = time.perf_counter()
-        out, did_work = fn(*args, **kwargs)
-        self.now[name] = time.perf_counter() - t0
-        if did_work:
-            self.done[name] = self.now[name]
-            self.file.write_text(json.dumps(self.done, indent=2) + "\n")
-        print(f"   ({self.now[name]:.1f}s)", flush=True)
-        return out
-
-
 def _model_key(folder: Path, recipe: Recipe) -> dict:
     """What a cached perplexity depends on: the weight file's identity and the windows."""
     st = (folder / "model.safetensors").stat()
@@ -220,168 +201,179 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@cli_entry
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The full or the quick recipe, with the command line's overrides."""
     recipe = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("eval_tokens", args.eval_tokens)) if v is not None}
     if any(v < 1 for v in overrides.values()):
         raise UserError("--max_steps and --eval_tokens must be at least 1")
-    recipe = Recipe(**{**asdict(recipe), **overrides})
+    return Recipe(**{**asdict(recipe), **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# The stages, in order; each returns (output, did_work)
+
+
+def get_assets(assets_dir: Path):
+    gguf_folder, gguf_name = assets.smollm2_gguf()
+    corpus = assets.kjv_chapters(assets_dir / "kjv_ot_chapters.txt", CORPUS_RANGE)
+    held_out = {"kjv_nt": assets.kjv_chapters(assets_dir / "kjv_nt_chapters.txt", HELD_OUT_RANGE),
+                "persuasion": assets.austen_novel(assets_dir / "austen_persuasion.txt", "persuasion")}
+    print(f"   teacher:  {gguf_folder / gguf_name} ({(gguf_folder / gguf_name).stat().st_size / 1e6:.0f} MB)")
+    print(f"   corpus:   King James Bible {CORPUS_RANGE} ({corpus.stat().st_size / 1e6:.1f} MB) at {corpus}")
+    for name, path in held_out.items():
+        print(f"   held out: {name} ({path.stat().st_size / 1e6:.1f} MB) at {path}")
+    return (gguf_folder, gguf_name, corpus, held_out), True
+
+
+def get_teacher(gguf_folder: Path, gguf_name: str, teacher_dir: Path):
+    """The teacher as a plain Hugging Face folder."""
+    if (teacher_dir / "conversion.json").is_file():
+        print(f"   reusing {teacher_dir}")
+        return None, False
+    record = convert_gguf(gguf_folder, gguf_name, teacher_dir)
+    print(f"   dequantised {gguf_name} into {teacher_dir}: {record['layers']} layers, "
+          f"{record['parameters']:,} parameters; reloads with no new weights, same logits")
+    return None, True
+
+
+def binarize_corpus(corpus: Path, teacher_dir: Path, data: Path):
+    """The whole corpus takes seconds, so the quick recipe shares it."""
+    from distill.data.binarize import binarize, read_meta
+
+    if data.exists():
+        meta = read_meta(data)
+        print(f"   reusing {data}: {meta['num_sequences']:,} chapters, {meta['num_tokens']:,} tokens")
+        return None, False
+    res = binarize(corpus, str(teacher_dir), data, num_workers=min(2, os.cpu_count() or 1), progress=False)
+    print(f"   wrote {res.num_sequences:,} chapters, {res.num_tokens:,} tokens in {res.seconds:.1f}s to {res.path}")
+    return None, True
+
+
+def extract_student(teacher_dir: Path, student_init: Path):
+    if (student_init / "extraction.json").is_file():
+        layers = json.loads((student_init / "extraction.json").read_text())["layers"]
+        print(f"   reusing {student_init}: layers {','.join(map(str, layers))}")
+        return None, False
+    from distill.cli import extract
+
+    extract.main(["--model_type", "llama", "--model_name", str(teacher_dir),
+                  "--dump_checkpoint", str(student_init), "--force"])
+    return None, True
+
+
+def distil(recipe: Recipe, data: Path, teacher_dir: Path, student_init: Path, dump: Path):
+    """ce + clm + cos; an interrupted run resumes from its last checkpoint."""
+    if (dump / "model.safetensors").is_file():  # train.py writes it last, on completion
+        print(f"   reusing {dump}")
+        return None, False
+    from distill.cli import train
+
+    print(f"   {recipe.max_steps} steps of {recipe.accumulation} x {recipe.batch_size} x {recipe.max_len} tokens")
+    argv = ["--dump_path", str(dump), "--data_file", str(data),
+            "--student_type", "llama", "--student_pretrained_weights", str(student_init),
+            "--teacher_type", "llama", "--teacher_name", str(teacher_dir),
+            "--alpha_ce", str(recipe.alpha_ce), "--alpha_clm", str(recipe.alpha_clm),
+            "--alpha_cos", str(recipe.alpha_cos), "--temperature", str(recipe.temperature),
+            "--max_model_input_size", str(recipe.max_len), "--batch_size", str(recipe.batch_size),
+            "--gradient_accumulation_steps", str(recipe.accumulation), "--max_steps", str(recipe.max_steps),
+            "--n_epoch", "1", "--learning_rate", str(recipe.learning_rate),
+            "--log_interval", str(max(1, recipe.max_steps // 12)),
+            "--checkpoint_interval", str(recipe.checkpoint_interval), "--keep_checkpoints", "2",
+            "--n_gpu", "1" if torch.cuda.is_available() else "0"]
+    if recipe.bf16:
+        argv.append("--bf16")
+    restart = restart_flags(dump)
+    argv += restart
+    if "--resume" in restart:
+        print(f"   resuming the interrupted run in {dump}")
+    print("   python -m distill.cli.train " + " ".join(argv), flush=True)
+    train.main(argv)
+    if not (dump / "model.safetensors").is_file():
+        raise UserError(f"distillation stopped before its last step; run the same command again to resume it "
+                        f"from its checkpoint in {dump / C.CHECKPOINTS}")
+    return None, True
+
+
+def held_out_windows(teacher_dir: Path, held_out: dict[str, Path], recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Each held-out text in the teacher's tokens, cut into the windows every model is scored on."""
+    from transformers import AutoTokenizer
+
+    from distill.cli.extract import quiet_transformers
+
+    max_windows = max(1, recipe.eval_tokens // recipe.max_len)
+    with quiet_transformers():  # the whole text in one call: no warning that it exceeds the context
+        tok = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
+        return {name: token_windows(tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids,
+                                    recipe.max_len, max_windows)
+                for name, path in held_out.items()}
+
+
+def score_model(folder: Path, windows: dict[str, torch.Tensor]) -> dict:
+    """The perplexity of the model in ``folder`` on each text's windows, with its size and the time taken."""
+    from distill.cli.extract import quiet_transformers
+
+    t0 = time.perf_counter()
+    with quiet_transformers():
+        model = M.load_model("llama", folder).model
+    scores = {name: perplexity(model, w) for name, w in windows.items()}
+    return {"layers": M.num_layers(model.config), "parameters": sum(p.numel() for p in model.parameters()),
+            "perplexity": {name: s.ppl for name, s in scores.items()},
+            "nll": {name: s.nll for name, s in scores.items()},
+            "tokens": {name: s.tokens for name, s in scores.items()},
+            "seconds": time.perf_counter() - t0}
+
+
+def held_out_perplexity(recipe: Recipe, quick: bool, teacher_dir: Path, held_out: dict[str, Path],
+                        models: dict[str, Path], report_file: Path):
+    """Every model scored on the same windows of the same tokens; a model whose weights and windows
+    have not changed since ``report_file`` was written keeps its scores from there."""
+    previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    old_models = previous.get("models", {})
+    windows = held_out_windows(teacher_dir, held_out, recipe)
+    results, did_work = {}, False
+    for label, folder in models.items():
+        key = _model_key(folder, recipe)
+        old = old_models.get(label)
+        if old is not None and old.get("key") == key:
+            results[label] = old
+            print(f"   {label}: reusing the scores of {folder}")
+            continue
+        results[label] = scored = {"key": key, **score_model(folder, windows)}
+        did_work = True
+        print(f"   {label}: " + ", ".join(f"{n} {ppl:,.2f}" for n, ppl in scored["perplexity"].items())
+              + f" ({scored['seconds']:.1f}s)", flush=True)
+    report = {
+        "recipe": asdict(recipe), "quick": quick, "corpus": CORPUS_RANGE,
+        "held_out": {name: {"path": str(path), "windows": len(windows[name]), "window": recipe.max_len}
+                     for name, path in held_out.items()},
+        "models": results,
+    }
+    return report, did_work
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    offline_environment()
+    recipe = recipe_from_args(args)
     run_dir, assets_dir = Path(args.run_dir), Path(args.assets_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     stages = Stages(run_dir / f"stage_seconds{suffix}.json")
+    teacher_dir, data, student_init, dump = (run_dir / "teacher", run_dir / "data", run_dir / "student_init",
+                                             run_dir / f"student{suffix}")
 
-    # -- 1. assets
-    def get_assets():
-        gguf_folder, gguf_name = assets.smollm2_gguf()
-        corpus = assets.kjv_chapters(assets_dir / "kjv_ot_chapters.txt", CORPUS_RANGE)
-        held_out = {"kjv_nt": assets.kjv_chapters(assets_dir / "kjv_nt_chapters.txt", HELD_OUT_RANGE),
-                    "persuasion": assets.austen_novel(assets_dir / "austen_persuasion.txt", "persuasion")}
-        print(f"   teacher:  {gguf_folder / gguf_name} ({(gguf_folder / gguf_name).stat().st_size / 1e6:.0f} MB)")
-        print(f"   corpus:   King James Bible {CORPUS_RANGE} ({corpus.stat().st_size / 1e6:.1f} MB) at {corpus}")
-        for name, path in held_out.items():
-            print(f"   held out: {name} ({path.stat().st_size / 1e6:.1f} MB) at {path}")
-        return (gguf_folder, gguf_name, corpus, held_out), True
-
-    gguf_folder, gguf_name, corpus, held_out = stages.run("assets", get_assets)
-
-    # -- 2. the teacher as a plain folder
-    teacher_dir = run_dir / "teacher"
-
-    def get_teacher():
-        if (teacher_dir / "conversion.json").is_file():
-            print(f"   reusing {teacher_dir}")
-            return None, False
-        record = convert_gguf(gguf_folder, gguf_name, teacher_dir)
-        print(f"   dequantised {gguf_name} into {teacher_dir}: {record['layers']} layers, "
-              f"{record['parameters']:,} parameters; reloads with no new weights, same logits")
-        return None, True
-
-    stages.run("teacher: GGUF -> safetensors", get_teacher)
-
-    # -- 3. binarize (the whole corpus takes seconds, so QUICK shares it)
-    data = run_dir / "data"
-
-    def do_binarize():
-        from distill.data.binarize import binarize, read_meta
-
-        if data.exists():
-            meta = read_meta(data)
-            print(f"   reusing {data}: {meta['num_sequences']:,} chapters, {meta['num_tokens']:,} tokens")
-            return None, False
-        res = binarize(corpus, str(teacher_dir), data, num_workers=min(2, os.cpu_count() or 1), progress=False)
-        print(f"   wrote {res.num_sequences:,} chapters, {res.num_tokens:,} tokens in {res.seconds:.1f}s to {res.path}")
-        return None, True
-
-    stages.run("binarize", do_binarize)
-
-    # -- 4. extract the student
-    student_init = run_dir / "student_init"
-
-    def do_extract():
-        if (student_init / "extraction.json").is_file():
-            layers = json.loads((student_init / "extraction.json").read_text())["layers"]
-            print(f"   reusing {student_init}: layers {','.join(map(str, layers))}")
-            return None, False
-        from distill.cli import extract
-
-        extract.main(["--model_type", "llama", "--model_name", str(teacher_dir),
-                      "--dump_checkpoint", str(student_init), "--force"])
-        return None, True
-
-    stages.run("extract the student", do_extract)
-
-    # -- 5. distil
-    dump = run_dir / f"student{suffix}"
-
-    def do_distil():
-        if (dump / "model.safetensors").is_file():  # train.py writes it last, on completion
-            print(f"   reusing {dump}")
-            return None, False
-        from distill.cli import train
-
-        print(f"   {recipe.max_steps} steps of {recipe.accumulation} x {recipe.batch_size} x {recipe.max_len} tokens")
-        argv = ["--dump_path", str(dump), "--data_file", str(data),
-                "--student_type", "llama", "--student_pretrained_weights", str(student_init),
-                "--teacher_type", "llama", "--teacher_name", str(teacher_dir),
-                "--alpha_ce", str(recipe.alpha_ce), "--alpha_clm", str(recipe.alpha_clm),
-                "--alpha_cos", str(recipe.alpha_cos), "--temperature", str(recipe.temperature),
-                "--max_model_input_size", str(recipe.max_len), "--batch_size", str(recipe.batch_size),
-                "--gradient_accumulation_steps", str(recipe.accumulation), "--max_steps", str(recipe.max_steps),
-                "--n_epoch", "1", "--learning_rate", str(recipe.learning_rate),
-                "--log_interval", str(max(1, recipe.max_steps // 12)),
-                "--checkpoint_interval", str(recipe.checkpoint_interval), "--keep_checkpoints", "2",
-                "--n_gpu", "1" if torch.cuda.is_available() else "0"]
-        if recipe.bf16:
-            argv.append("--bf16")
-        if C.list_checkpoints(dump):
-            argv.append("--resume")
-            print(f"   resuming the interrupted run in {dump}")
-        elif dump.exists():
-            argv.append("--force")  # stopped before its first checkpoint: nothing to keep
-        print("   python -m distill.cli.train " + " ".join(argv), flush=True)
-        train.main(argv)
-        if not (dump / "model.safetensors").is_file():
-            raise UserError(f"distillation stopped before its last step; run the same command again to resume it "
-                            f"from its checkpoint in {dump / C.CHECKPOINTS}")
-        return None, True
-
-    stages.run("distil", do_distil)
-
-    # -- 6. perplexity
+    gguf_folder, gguf_name, corpus, held_out = stages.run("assets", get_assets, assets_dir)
+    stages.run("teacher: GGUF -> safetensors", get_teacher, gguf_folder, gguf_name, teacher_dir)
+    stages.run("binarize", binarize_corpus, corpus, teacher_dir, data)
+    stages.run("extract the student", extract_student, teacher_dir, student_init)
+    stages.run("distil", distil, recipe, data, teacher_dir, student_init, dump)
     report_file = run_dir / f"perplexity{suffix}.json"
+    models = {"teacher": teacher_dir, "extracted student": student_init, "distilled student": dump}
+    report = stages.run("perplexity on held-out text", held_out_perplexity, recipe, args.quick, teacher_dir,
+                        held_out, models, report_file)
 
-    def do_perplexity():
-        from transformers import AutoTokenizer
-
-        from distill.cli.extract import quiet_transformers
-
-        previous = json.loads(report_file.read_text()) if report_file.is_file() else {}
-        old_models = previous.get("models", {})
-        max_windows = max(1, recipe.eval_tokens // recipe.max_len)
-        with quiet_transformers():  # the whole text in one call: no warning that it exceeds the context
-            tok = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
-            windows = {name: token_windows(tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids,
-                                           recipe.max_len, max_windows)
-                       for name, path in held_out.items()}
-        results, did_work = {}, False
-        for label, folder in (("teacher", teacher_dir), ("extracted student", student_init),
-                              ("distilled student", dump)):
-            key = _model_key(folder, recipe)
-            old = old_models.get(label)
-            if old is not None and old.get("key") == key:
-                results[label] = old
-                print(f"   {label}: reusing the scores of {folder}")
-                continue
-            t0 = time.perf_counter()
-            with quiet_transformers():
-                model = M.load_model("llama", folder).model
-            scores = {name: perplexity(model, w) for name, w in windows.items()}
-            results[label] = {
-                "key": key, "layers": M.num_layers(model.config),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "perplexity": {name: s.ppl for name, s in scores.items()},
-                "nll": {name: s.nll for name, s in scores.items()},
-                "tokens": {name: s.tokens for name, s in scores.items()},
-                "seconds": time.perf_counter() - t0,
-            }
-            del model
-            did_work = True
-            print(f"   {label}: " + ", ".join(f"{n} {s.ppl:,.2f}" for n, s in scores.items())
-                  + f" ({results[label]['seconds']:.1f}s)", flush=True)
-        report = {
-            "recipe": asdict(recipe), "quick": args.quick, "corpus": CORPUS_RANGE,
-            "held_out": {name: {"path": str(path), "windows": len(windows[name]), "window": recipe.max_len}
-                         for name, path in held_out.items()},
-            "models": results,
-        }
-        return report, did_work
-
-    report = stages.run("perplexity on held-out text", do_perplexity)
     report["stage_seconds"] = stages.done
     tmp = report_file.with_name(report_file.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

