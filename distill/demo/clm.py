@@ -37,6 +37,8 @@ from distill import models as M
 from distill.demo import assets
 from distill.demo.stages import Stages, offline_environment, restart_flags
 from distill.errors import UserError, cli_entry
+from distill.fileio import atomic_path, write_atomic
+from distill.hf import quiet_transformers
 
 CORPUS_RANGE = "Gen1:1-Mal4:6"  # the Old Testament: what the student is distilled on
 HELD_OUT_RANGE = "Mat1:1-Rev22:21"  # the New Testament: same style, never trained on
@@ -134,50 +136,58 @@ def convert_gguf(gguf_folder: Path, gguf_name: str, dest: Path) -> dict:
     The folder is written aside and renamed into place only after it reloads with no missing,
     unexpected or newly initialised weight and gives the GGUF model's logits.
     """
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from distill.cli.extract import quiet_transformers
+    from transformers import AutoTokenizer
 
     with quiet_transformers():
-        loaded = M.load_model("llama", gguf_folder / gguf_name)
-        gguf_model = loaded.model.eval()
-        if loaded.missing_keys:
-            raise UserError(f"{gguf_name} lacks weights that transformers initialised randomly: "
-                            f"{', '.join(loaded.missing_keys[:5])}")
-        config = copy.deepcopy(gguf_model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            plain = LlamaForCausalLM(config)
-        plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
-        plain.tie_weights()
+        gguf_model, plain = _dequantised(gguf_folder, gguf_name)
         tok = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_name, local_files_only=True)
-
-        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic_path(dest) as tmp:
             plain.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            reloaded, info = LlamaForCausalLM.from_pretrained(tmp, local_files_only=True, output_loading_info=True)
-            bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
-            if bad or info.get("error_msgs"):
-                raise UserError(f"the converted teacher does not reload cleanly: {bad or info['error_msgs']}")
-            ids = torch.tensor([tok("In the beginning God created the heaven and the earth.").input_ids])
-            with torch.inference_mode():
-                diff = (reloaded.eval()(input_ids=ids).logits - gguf_model(input_ids=ids).logits).abs().max().item()
-            if diff > 1e-4:  # the same weights: exactly equal on the real teacher, 4e-7 on tiny ones
-                raise UserError(f"the converted teacher's logits differ from the GGUF model's by up to {diff:g}")
+            diff = _check_reload(tmp, tok, gguf_model)
             record = {"source": str((gguf_folder / gguf_name).resolve()),
                       "source_bytes": (gguf_folder / gguf_name).stat().st_size,
                       "parameters": sum(p.numel() for p in plain.parameters()),
-                      "layers": M.num_layers(config), "max_logit_difference": diff}
+                      "layers": M.num_layers(plain.config), "max_logit_difference": diff}
             (tmp / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            shutil.rmtree(dest, ignore_errors=True)  # an unfinished folder (no conversion.json) gives way
     return record
+
+
+def _dequantised(gguf_folder: Path, gguf_name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model as transformers loads the GGUF file, the same weights in a plain LlamaForCausalLM)."""
+    from transformers import LlamaForCausalLM
+
+    loaded = M.load_model("llama", gguf_folder / gguf_name)
+    gguf_model = loaded.model.eval()
+    if loaded.missing_keys:
+        raise UserError(f"{gguf_name} lacks weights that transformers initialised randomly: "
+                        f"{', '.join(loaded.missing_keys[:5])}")
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    return gguf_model, plain
+
+
+def _check_reload(folder: Path, tok, gguf_model: torch.nn.Module) -> float:
+    """The largest logit difference between the model saved in ``folder`` and the GGUF model; a
+    UserError when the folder does not reload cleanly or the logits differ."""
+    from transformers import LlamaForCausalLM
+
+    reloaded, info = LlamaForCausalLM.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        raise UserError(f"the converted teacher does not reload cleanly: {bad or info['error_msgs']}")
+    ids = torch.tensor([tok("In the beginning God created the heaven and the earth.").input_ids])
+    with torch.inference_mode():
+        diff = (reloaded.eval()(input_ids=ids).logits - gguf_model(input_ids=ids).logits).abs().max().item()
+    if diff > 1e-4:  # the same weights: exactly equal on the real teacher, 4e-7 on tiny ones
+        raise UserError(f"the converted teacher's logits differ from the GGUF model's by up to {diff:g}")
+    return diff
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,8 +309,6 @@ def held_out_windows(teacher_dir: Path, held_out: dict[str, Path], recipe: Recip
     """Each held-out text in the teacher's tokens, cut into the windows every model is scored on."""
     from transformers import AutoTokenizer
 
-    from distill.cli.extract import quiet_transformers
-
     max_windows = max(1, recipe.eval_tokens // recipe.max_len)
     with quiet_transformers():  # the whole text in one call: no warning that it exceeds the context
         tok = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
@@ -311,8 +319,6 @@ def held_out_windows(teacher_dir: Path, held_out: dict[str, Path], recipe: Recip
 
 def score_model(folder: Path, windows: dict[str, torch.Tensor]) -> dict:
     """The perplexity of the model in ``folder`` on each text's windows, with its size and the time taken."""
-    from distill.cli.extract import quiet_transformers
-
     t0 = time.perf_counter()
     with quiet_transformers():
         model = M.load_model("llama", folder).model
@@ -375,9 +381,7 @@ def main(argv=None) -> int:
                         held_out, models, report_file)
 
     report["stage_seconds"] = stages.done
-    tmp = report_file.with_name(report_file.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, report_file)
+    write_atomic(report_file, json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
     (run_dir / f"perplexity{suffix}.md").write_text(table)
     print("\n" + table)

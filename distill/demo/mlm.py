@@ -38,6 +38,7 @@ from distill.data.sampler import LengthGroupedBatchSampler, padding_fraction
 from distill.demo import assets
 from distill.demo.stages import Stages, offline_environment, restart_flags
 from distill.errors import UserError, cli_entry
+from distill.fileio import atomic_path, write_atomic
 
 
 @dataclass
@@ -111,9 +112,7 @@ def _slice_task(src: Path, dest: Path, n_train: int | None, n_dev: int | None) -
             rows = [rows[i] for i in pick]
         keep = header + rows
         if not (dest / name).is_file() or (dest / name).read_text(encoding="utf-8") != "".join(keep):
-            tmp = dest / f".{name}.tmp"
-            tmp.write_text("".join(keep), encoding="utf-8")
-            os.replace(tmp, dest / name)
+            write_atomic(dest / name, "".join(keep))
     return dest
 
 
@@ -180,10 +179,8 @@ def corpus_token_counts(data: Path, counts_file: Path):
         print(f"   reusing {counts_file}")
         return counts, False
     counts = count_tokens(data)
-    tmp = counts_file.with_name(counts_file.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(counts_file) as tmp, open(tmp, "wb") as f:  # a path without .npy: np.save would add it
         np.save(f, counts)
-    os.replace(tmp, counts_file)
     print(f"   {int(counts.sum()):,} tokens, {int((counts > 0).sum()):,} distinct ids -> {counts_file}")
     return counts, True
 
@@ -268,9 +265,7 @@ def similarity_to_teacher(teacher: Path, students: dict[str, Path], task: Path, 
         print(f"   {name}: cosine {value:.3f} to the teacher's sentence embeddings")
     saved = {"cosine": cos, "sentences": len(sentences), "text": "the sentiment task's dev sentences",
              "model_mtimes": stamp}
-    tmp = similarity_file.with_name(similarity_file.name + ".tmp")
-    tmp.write_text(json.dumps(saved, indent=2) + "\n")
-    os.replace(tmp, similarity_file)
+    write_atomic(similarity_file, json.dumps(saved, indent=2) + "\n")
     return saved, True
 
 
