@@ -40,6 +40,7 @@ from distill.errors import UserError, cli_entry
 from distill.fileio import atomic_path, write_atomic
 from distill.hf import quiet_transformers
 
+PROG = "python -m distill.demo.clm"  # argparse would say clm.py
 CORPUS_RANGE = "Gen1:1-Mal4:6"  # the Old Testament: what the student is distilled on
 HELD_OUT_RANGE = "Mat1:1-Rev22:21"  # the New Testament: same style, never trained on
 
@@ -202,7 +203,7 @@ def _model_key(folder: Path, recipe: Recipe) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default="runs/demo-clm", help="where the recipe writes its outputs")
     p.add_argument("--assets_dir", default="assets", help="cache of the corpus and held-out texts")
     p.add_argument("--quick", action="store_true", help=f"the few-minute variant ({QUICK.max_steps} steps)")

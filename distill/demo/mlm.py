@@ -41,6 +41,9 @@ from distill.errors import UserError, cli_entry
 from distill.fileio import atomic_path, write_atomic
 
 
+PROG = "python -m distill.demo"  # argparse would say __main__.py
+
+
 @dataclass
 class Budget:
     """What the full and the quick demo do; the full one fits in 30 minutes on a 2-core CPU."""
@@ -73,7 +76,7 @@ RECIPE = ["--mlm", "--alpha_ce", "0", "--alpha_mlm", "0.01", "--alpha_cos", "1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default="runs/demo", help="where the demo writes its outputs")
     p.add_argument("--assets_dir", default="assets", help="cache of the corpus and the sentiment task")
     p.add_argument("--quick", action="store_true", help="the few-minute variant (slices of the data, few steps)")
