@@ -40,7 +40,7 @@ demo: $(STAMP)
 
 # The causal-LM recipe (docs/demo-clm.md): SmolLM2-135M-Instruct (GGUF) -> a 15-layer student.
 demo-clm: $(STAMP)
-	$(BIN)/python -m distill.demo_clm --run_dir runs/demo-clm $(if $(QUICK),--quick,)
+	$(BIN)/python -m distill.demo.clm --run_dir runs/demo-clm $(if $(QUICK),--quick,)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

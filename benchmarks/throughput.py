@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def packaged_tokenizer() -> Path:
-    from distill.assets import minilm_teacher_dir
+    from distill.demo.assets import minilm_teacher_dir
 
     return minilm_teacher_dir()
 
@@ -111,7 +111,7 @@ def packaged_tokenizer() -> Path:
 def prepare_corpus(args, work: Path) -> Path:
     """The corpus as binarized: the source repeated --corpus_mult times, lines packed into documents."""
     if args.corpus is None:
-        from distill.assets import kjv_corpus
+        from distill.demo.assets import kjv_corpus
 
         src = kjv_corpus(work / "kjv.txt")
     else:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from distill import demo
+from distill.demo import mlm
 
 from .conftest import minilm_dir
 
@@ -41,7 +41,7 @@ def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
     assert "has no MLM head" in r.stdout  # the console says why alpha_ce is off
     assert (run / "student_quick" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     # 2. the same command resumes and finishes
-    assert demo.main(args) == 0
+    assert mlm.main(args) == 0
     out = capsys.readouterr().out
     assert "resuming the interrupted distillation" in out and "resumed from" in out
     report = run / "report_quick"
@@ -62,7 +62,7 @@ def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [10, 20, 30]
     assert (assets / "kjv.txt").stat().st_size > 4_000_000
     # 3. a second run redoes nothing but the side-by-side timing
-    assert demo.main(args) == 0
+    assert mlm.main(args) == 0
     out = capsys.readouterr().out
     assert out.count("reusing") >= 7 and "fine-tuning on" not in out and "training for" not in out
     assert "reusing " + str(run / "embedding_similarity_quick.json") in out

@@ -1,4 +1,4 @@
-"""The causal-LM recipe (distill.demo_clm) and its assets (distill.assets), on tiny models and files."""
+"""The causal-LM recipe (distill.demo.clm) and its assets (distill.demo.assets), on tiny models and files."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from distill import assets, demo_clm
-from distill.demo_clm import convert_gguf, perplexity, token_windows
+from distill.demo import assets, clm
+from distill.demo.clm import convert_gguf, perplexity, token_windows
 from distill.errors import UserError
 from tests.test_models import VOCAB, perturb, tiny_config
 
@@ -243,7 +243,7 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     args = ["--run_dir", str(tmp_path / "run"), "--assets_dir", str(tmp_path / "assets"), "--quick",
             "--max_steps", "2", "--eval_tokens", "128"]
     try:
-        assert demo_clm.main(args) == 0
+        assert clm.main(args) == 0
     except SystemExit as e:  # janeaustenr could not be fetched here
         if "janeaustenr" in capsys.readouterr().err:
             pytest.skip("Debian's r-cran-janeaustenr cannot be fetched")
@@ -253,6 +253,6 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert ppl["teacher"] < ppl["distilled student"] < ppl["extracted student"]
     assert (tmp_path / "run" / "perplexity_quick.md").read_text().count("\n| ") == 4
     capsys.readouterr()
-    assert demo_clm.main(args) == 0  # a second run reuses every stage
+    assert clm.main(args) == 0  # a second run reuses every stage
     out = capsys.readouterr().out
     assert out.count("reusing") >= 6

@@ -9,7 +9,7 @@ import torch
 from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, DistilBertConfig,
                           DistilBertForMaskedLM)
 
-from distill.similarity import embedding_similarity, mean_pooled
+from distill.demo.similarity import embedding_similarity, mean_pooled
 
 from .conftest import prose_words
 

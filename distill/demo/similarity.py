@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from distill.hf import quiet_transformers
+
 
 def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L, H) hidden states, (B, L) mask -> (B, H) mean over the attended positions (fp32)."""
@@ -41,28 +43,26 @@ def embedding_similarity(teacher_dir: str | Path, student_dirs: dict[str, str | 
     Every folder is loaded with ``AutoModel`` (a student saved with an MLM head loads its encoder);
     all use the teacher's tokenizer, which is what the students were extracted and distilled with.
     """
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     if not sentences:
         raise ValueError("no sentences to embed")
-    def load(folder):
-        model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)
-        # newly initialised weights would give a meaningless figure (a pooler is not used here)
-        missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
-        if missing:
-            raise ValueError(f"{folder}: the encoder's weights {missing[:3]} are missing")
-        return model
-
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the MLM head a student has and AutoModel drops is expected
-    try:
-        teacher = sentence_embeddings(load(teacher_dir), tokenizer, sentences, max_length)
+    with quiet_transformers(progress_bars=True):  # the MLM head a student has and AutoModel drops is expected
+        teacher = sentence_embeddings(_load_encoder(teacher_dir), tokenizer, sentences, max_length)
         result = {}
         for name, folder in student_dirs.items():
-            emb = sentence_embeddings(load(folder), tokenizer, sentences, max_length)
+            emb = sentence_embeddings(_load_encoder(folder), tokenizer, sentences, max_length)
             result[name] = float(torch.nn.functional.cosine_similarity(emb, teacher, dim=-1).mean())
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return result
+
+
+def _load_encoder(folder: str | Path) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)
+    # newly initialised weights would give a meaningless figure (a pooler is not used here)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:
+        raise ValueError(f"{folder}: the encoder's weights {missing[:3]} are missing")
+    return model

