@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from distill.losses.kernels import Workspace, ce_rows, floored_copy, kl_rows, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
 
 
@@ -32,7 +33,6 @@ _CPU_CHUNK_ROWS_FP32 = 384
 _CPU_CHUNK_ROWS_16BIT = 128
 _GPU_CHUNK_BYTES = 256 * 2**20
 _GROUP_CHUNKS = 2  # 16-bit compute: gradient rows per (V, H) partial, in chunks
-_KERNEL_ROWS = 32  # rows of the eager soft-target kernel's fp32 working blocks
 # Vocabulary columns per matmul of the CPU projection, by compute dtype: one (rows, H) x (H, V) matmul
 # with V in the tens of thousands ran at 55% of the fp32 matmul peak here (104 GFLOP/s against 187),
 # the same rows against 1024- or 2048-column slices of the weight at 80% (150-168, more with 384-512
@@ -105,36 +105,22 @@ class ProjectedLogits:
         return nn.functional.linear(self.hidden.to(dt), self.weight.to(dt), b)
 
 
-class _Workspace(threading.local):
-    """Scratch blocks reused from call to call (one set per thread), on the CPU only.
-
-    glibc gives large freed blocks back to the operating system, so a fresh (chunk, V) block costs a
-    page fault per 4 KB on every use; kept here, it costs nothing after the first step. A GPU's caching
-    allocator already reuses memory, so there a fresh tensor is taken each time.
-    """
-
-    def __init__(self):
-        self.buffers: dict[tuple, Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        n = 1
-        for d in shape:
-            n *= d
-        key = (name, dtype)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[key] = torch.empty(n, dtype=dtype)
-        return buf[:n].view(shape)
+class _ThreadWorkspace(threading.local, Workspace):
+    """One :class:`Workspace` per thread."""
 
 
-_WORKSPACE = _Workspace()
+_WORKSPACE = _ThreadWorkspace()
 
 
 def clear_workspace() -> None:
     """Free this thread's scratch blocks of :func:`projected_vocab_losses` (they are kept between calls)."""
-    _WORKSPACE.buffers.clear()
+    _WORKSPACE.clear()
+
+
+def use_compiled_kernels(enabled: bool = True) -> None:
+    """Run the soft-target block kernel of :func:`projected_vocab_losses` through torch.compile
+    (see :class:`Workspace`)."""
+    _WORKSPACE.compiled_kl = Workspace(compiled=True).compiled_kl if enabled else None
 
 
 @dataclass
@@ -161,119 +147,6 @@ def _ce_grad_rows_first(ce_rows: Tensor) -> Tensor:
     return torch.cat([ce_rows.nonzero().squeeze(1), (~ce_rows).nonzero().squeeze(1)])
 
 
-def _kl_block(a: Tensor, b: Tensor, g_out: Tensor | None,
-              scratch: Callable[[str], Tensor]) -> tuple[Tensor, Tensor | None]:
-    """Rows of KL(softmax(b) || softmax(a)) for fp32 (n, V) blocks a = s / T, b = t / T (both
-    overwritten); into ``g_out`` softmax(a) - softmax(b), the gradient in a up to the factor 1 / T,
-    and that gradient's column sums (V,).
-
-    Two softmaxes and cheap passes: sum_v p_t (log p_t - log p_s) = sum_v p_t (b - a) - lse(b) + lse(a)
-    since sum_v p_t = 1, and lse(x) = max(x) - log(max(softmax(x))), the largest probability never
-    underflowing. Half the exponentials of log-softmaxes plus exp, and no (n, V) temporary.
-    """
-    lse_a = a.amax(-1)
-    lse_b = b.amax(-1)
-    p_s = torch.softmax(a, -1, out=scratch("p_s"))
-    p_t = torch.softmax(b, -1, out=scratch("p_t"))
-    lse_a -= p_s.amax(-1).log_()
-    lse_b -= p_t.amax(-1).log_()
-    # finite products: the teacher's logits are (the caller floors a -inf bias)
-    row = b.mul_(p_t).sum(-1).sub_(a.mul_(p_t).sum(-1)).add_(lse_a).sub_(lse_b)
-    if g_out is None:
-        return row, None
-    colsum = p_s.sum(0).sub_(p_t.sum(0))
-    if g_out.dtype == torch.float32:
-        torch.sub(p_s, p_t, out=g_out)
-    else:  # a 16-bit out= would go through a fresh fp32 temporary
-        g_out.copy_(p_s.sub_(p_t))
-    return row, colsum
-
-
-def _kl_blocks(a: Tensor, b: Tensor, g_out: Tensor | None,
-               scratch: Callable[..., Tensor]) -> tuple[Tensor, Tensor | None]:
-    """:func:`_kl_block` over a chunk, a few rows at a time: fp32 working blocks of ``_KERNEL_ROWS``
-    rows stay small (and in cache). a, b may be overwritten when fp32; 16-bit ones are copied."""
-    rows, colsum = [], None
-    step = _KERNEL_ROWS if a.device.type == "cpu" else a.shape[0]  # a GPU wants few, large kernels
-    for r in range(0, a.shape[0], step):
-        e = min(r + step, a.shape[0])
-        ar, br = a[r:e], b[r:e]
-        if ar.dtype != torch.float32:
-            ar = scratch("a32", e - r).copy_(ar)
-            br = scratch("b32", e - r).copy_(br)
-        row, cs = _kl_block(ar, br, None if g_out is None else g_out[r:e], lambda n, k=e - r: scratch(n, k))
-        rows.append(row)
-        if cs is not None:
-            colsum = cs if colsum is None else colsum.add_(cs)
-    return (rows[0] if len(rows) == 1 else torch.cat(rows)), colsum
-
-
-def _kl_block_math(a: Tensor, b: Tensor, g_out: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_kl_block` for torch.compile: a, b (n, V) in any float dtype, left untouched; the
-    compiler fuses it into a couple of passes over the block."""
-    log_ps = torch.log_softmax(a.float(), -1)
-    log_pt = torch.log_softmax(b.float(), -1)
-    p_t = log_pt.exp()
-    row = (p_t * (log_pt - log_ps)).sum(-1)
-    g = log_ps.exp() - p_t
-    g_out.copy_(g)
-    return row, g.sum(0)
-
-
-_compiled: dict[str, Callable | None] = {}  # name -> compiled kernel; None: compiling failed, eager
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the per-block softmax arithmetic of :func:`projected_vocab_losses` through torch.compile.
-
-    Eager PyTorch makes a pass over the (chunk, V) block per operation; compiled, the soft-target
-    kernel is fused into a few. The first call compiles (seconds; PyTorch caches the result on disk);
-    if compiling fails the eager kernels are used, with a warning.
-    """
-    if enabled:
-        _compiled.setdefault("kl", torch.compile(_kl_block_math, dynamic=True))
-    else:
-        _compiled.clear()
-
-
-def _compiled_kl(a: Tensor, b: Tensor, g_out: Tensor) -> tuple[Tensor, Tensor] | None:
-    fn = _compiled.get("kl")
-    if fn is None:
-        return None
-    try:
-        return fn(a, b, g_out)
-    except Exception as e:  # no C++ compiler, an unsupported platform, ...
-        import warnings
-
-        warnings.warn(f"compiling the fused loss kernel failed ({type(e).__name__}); using eager PyTorch")
-        _compiled["kl"] = None
-        return None
-
-
-def _mse_block(s: Tensor, t: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Rows of sum_v (s - t)^2; into ``g_out`` s - t (half the gradient) and its column sums."""
-    d = s.float() - t.float()  # (n, V)
-    row = (d * d).sum(-1)
-    if g_out is None:
-        return row, None
-    g_out.copy_(d)
-    return row, d.sum(0)
-
-
-def _ce_block(s: Tensor, y: Tensor, g_out: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Rows of cross-entropy for an (n, V) block and labels (n,); into ``g_out`` its gradient and
-    that gradient's column sums."""
-    y = y.unsqueeze(1)
-    ls = torch.log_softmax(s.float(), -1)
-    row = ls.gather(1, y).squeeze(1).neg_()
-    if g_out is None:
-        return row, None
-    g = ls.exp_()  # softmax(s) - onehot(y)
-    g.scatter_add_(1, y, torch.full(y.shape, -1.0, dtype=g.dtype, device=g.device))
-    g_out.copy_(g)
-    return row, g.sum(0)
-
-
 class _ProjectedVocabLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: dict) -> tuple[Tensor, ...]:  # type: ignore[override]
@@ -298,8 +171,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
             t_x = (th if index is None else th.index_select(0, index)).to(cdt)
             t_w = teacher.weight.to(cdt)
             # A -inf bias (masked vocabulary) would make 0 * -inf = NaN in the KL sum: floor it.
-            t_b = None if teacher.bias is None else (
-                teacher.bias.float().clamp(min=torch.finfo(torch.float32).min / 4) * scale).to(cdt)
+            t_b = None if teacher.bias is None else floored_copy(teacher.bias, scale).to(cdt)
         elif teacher is not None:
             t_rows = teacher.reshape(n_rows, teacher.shape[-1])
         uses_teacher = teacher is not None and any(tm.kind != "ce" for tm in terms)
@@ -394,10 +266,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
                 if uses_teacher:
                     if t_rows is not None:
                         ix = slice(a, z) if index is None else index[a:z]
-                        t = t_rows[ix].to(torch.float32, copy=True)
-                        t.clamp_(min=torch.finfo(torch.float32).min / 4)  # see t_b above
-                        if scale != 1.0:
-                            t.mul_(scale)
+                        t = floored_copy(t_rows[ix], scale)  # see t_b above
                     else:
                         t = project(t_x[a:z], t_w, t_b, scratch("t", n, cdt))
                 for i in order:
@@ -407,7 +276,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
                             continue
                         sb = s if scale == 1.0 else s * (1.0 / scale)  # the labels' loss is on raw logits
                         g_out = term.gd[a:z] if need_grad else None
-                        row, colsum = _ce_block(sb, plan["labels"][a:z], g_out)
+                        row, colsum = ce_rows(sb, plan["labels"][a:z], g_out, need_b)
                     else:
                         local = None if term.rows is None else term.rows[a:z]
                         sel = None
@@ -431,10 +300,9 @@ class _ProjectedVocabLosses(torch.autograd.Function):
                         if term.kind == "kl":
                             if scale != inv_t:  # 1/T not folded into the matmuls (mse needs raw logits)
                                 sb, tb = sb.float().mul_(inv_t), tb.float().mul_(inv_t)
-                            done = _compiled_kl(sb, tb, g_out) if g_out is not None and _compiled else None
-                            row, colsum = done if done is not None else _kl_blocks(sb, tb, g_out, scratch)
+                            row, colsum = kl_rows(sb, tb, g_out, _WORKSPACE, need_b)
                         else:
-                            row, colsum = _mse_block(sb, tb, g_out)
+                            row, colsum = mse_rows(sb, tb, g_out, need_b)
                         if need_grad and labelled and sel is not None:
                             term.gd[a:z].index_copy_(0, sel, g_out)
                     totals[i] += row.sum()
@@ -603,11 +471,10 @@ def projected_vocab_losses(
     T = float(temperature)
     # With only the soft-target loss on the teacher's side, 1/T is folded into the matmuls.
     scale = 1.0 / T if soft_target and not mse else 1.0
-    for term, name in zip(terms, names):
-        # kept gradient -> d(sum)/d(logits): kl keeps softmax(s/T) - softmax(t/T) (times T^2 / T),
-        # mse keeps s - t (times 2), ce keeps the gradient itself.
-        term.factor = {"kl": T, "mse": 2.0, "ce": 1.0}[term.kind]
-    row_factor = [T * T if kind == "kl" else 1.0 for kind in kinds]
+    row_factor = []
+    for term in terms:  # the kernels' gradients and row sums, times these, are the losses'
+        rf, term.factor = loss_factors(term.kind, T)
+        row_factor.append(rf)
     if labels is not None:
         flat = labels.reshape(n)
         flat = flat if index is None else flat.index_select(0, index)

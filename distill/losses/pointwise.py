@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from distill.losses.kernels import Workspace, ce_rows, floored_copy, kl_rows, loss_factors, mse_rows
+
 # Below this selected fraction a mask is applied by gathering the selected rows; above it,
 # every row is computed and the unselected ones are zeroed (cheaper than copying most rows).
 _GATHER_FRACTION = 0.5
@@ -140,15 +142,16 @@ def clm_count(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return (labels[:, 1:] != ignore_index).sum()
 
 
-# --------------------------------------------------------------------------- fused vocab losses
+# --------------------------------------------------------------------------- vocabulary losses
 
-# A row kernel takes a float32 chunk of student rows that it may overwrite (n, V), the
-# matching target rows, and whether a gradient is wanted; it returns the per-row loss (n,)
-# and d(loss)/d(student rows) (n, V) or None.
-_RowKernel = Callable[[Tensor, Tensor, bool], "tuple[Tensor, Tensor | None]"]
+# A row loss runs a block kernel of .kernels on logits that belong to the caller: it takes a chunk
+# of student rows (n, V) in the student's dtype, which it leaves untouched, the matching target
+# rows, where to write the kernel's gradient ((n, V) in the student's dtype, or None) and a
+# workspace; it returns the per-row loss (n,) in float32.
+_RowLoss = Callable[[Tensor, Tensor, "Tensor | None", Workspace], Tensor]
 
 
-class _FusedRowLoss(torch.autograd.Function):
+class _AnalyticGradLoss(torch.autograd.Function):
     """Sum of a per-row loss whose gradient the kernel computes in the forward pass."""
 
     @staticmethod
@@ -156,7 +159,8 @@ class _FusedRowLoss(torch.autograd.Function):
         ctx,
         student: Tensor,
         target: Tensor,
-        kernel: _RowKernel,
+        row_loss: _RowLoss,
+        factors: tuple[float, float],
         rows: _Rows,
         chunk_size: int | None,
         need_grad: bool,
@@ -168,51 +172,49 @@ class _FusedRowLoss(torch.autograd.Function):
         # Gradient of the rows computed on: (K, V) when gathering (scattered in backward),
         # else (N, V). Kept in the student's dtype, so it costs no more than the logits.
         grad = s2.new_empty((span, s2.shape[1])) if need_grad else None
+        workspace = Workspace()  # the kernels' working blocks, reused over this call's chunks
 
         step = span if not chunk_size or chunk_size <= 0 else int(chunk_size)
         for start in range(0, span, step):
             stop = min(start + step, span)
             if rows.index is not None:
                 ix = rows.index[start:stop]
-                # index_select copies, so the kernel may overwrite s even when fp32.
-                s = s2.index_select(0, ix).to(torch.float32)
-                t = t2.index_select(0, ix)
+                s, t = s2.index_select(0, ix), t2.index_select(0, ix)
             else:
-                # copy=True: the kernel overwrites its input and s2 may already be fp32.
-                s = s2[start:stop].to(torch.float32, copy=True)
-                t = t2[start:stop]
-            row_loss, g = kernel(s, t, need_grad)  # (n,), (n, V)
+                s, t = s2[start:stop], t2[start:stop]
+            g = None if grad is None else grad[start:stop]
+            row = row_loss(s, t, g, workspace)  # (n,)
             if rows.keep is not None:
                 k = rows.keep[start:stop]
-                row_loss = torch.where(k, row_loss, torch.zeros((), device=row_loss.device))
+                row = torch.where(k, row, torch.zeros((), device=row.device))
                 if g is not None:
                     g.masked_fill_(~k.unsqueeze(1), 0.0)
-            total += row_loss.sum()
-            if grad is not None:
-                grad[start:stop] = g
+            total += row.sum()
         if grad is not None:
             if rows.index is not None:
                 ctx.save_for_backward(grad, rows.index)
             else:
                 ctx.save_for_backward(grad)
         ctx.student_shape = student.shape
-        return total
+        row_factor, ctx.grad_factor = factors
+        return total * row_factor
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         grad, *index = ctx.saved_tensors
         # Out of place so that a retained graph can be backpropagated again.
-        g = grad * grad_out.to(grad.dtype)
+        g = grad * (grad_out.float() * ctx.grad_factor).to(grad.dtype)
         if index:
             full = grad.new_zeros((ctx.student_shape.numel() // grad.shape[1], grad.shape[1]))
             g = full.index_copy_(0, index[0], g)
-        return g.reshape(ctx.student_shape), None, None, None, None, None
+        return g.reshape(ctx.student_shape), None, None, None, None, None, None
 
 
-def _fused(
+def _vocab_loss(
     student: Tensor,
     target: Tensor,
-    kernel: _RowKernel,
+    row_loss: _RowLoss,
+    factors: tuple[float, float],
     mask: Tensor | None,
     chunk_size: int | None,
 ) -> Tensor:
@@ -221,53 +223,26 @@ def _fused(
     if rows.empty:
         return _connected_zero(student)
     need_grad = torch.is_grad_enabled() and student.requires_grad
-    return _FusedRowLoss.apply(student, target.detach(), kernel, rows, chunk_size, need_grad)
+    return _AnalyticGradLoss.apply(student, target.detach(), row_loss, factors, rows, chunk_size, need_grad)
 
 
-def _kl_kernel(temperature: float) -> _RowKernel:
-    t_sq = float(temperature) ** 2
+def _kl_row_loss(temperature: float) -> _RowLoss:
+    inv_t = 1.0 / temperature
 
-    def kernel(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        if temperature != 1.0:
-            s.div_(temperature)
-        log_ps = s.log_softmax(-1)  # (n, V)
-        del s
-        log_pt = t.to(torch.float32, copy=True)  # (n, V)
-        if temperature != 1.0:
-            log_pt.div_(temperature)
-        log_pt = log_pt.log_softmax(-1)
-        p_t = log_pt.exp()  # (n, V)
-        terms = log_pt.sub_(log_ps).mul_(p_t)  # p_t * (log p_t - log p_s)
-        # 0 * log 0 = 0 (as in xlogy); otherwise a -inf teacher logit would give NaN.
-        terms.masked_fill_(p_t == 0, 0.0)
-        row = terms.sum(-1).mul_(t_sq)  # (n,)
-        del terms
-        g = None
-        if need_grad:
-            # d/ds [T^2 KL(p_t || softmax(s/T))] = T (p_s - p_t)
-            g = log_ps.exp_().sub_(p_t).mul_(float(temperature))
-        return row, g
+    def row_loss(s: Tensor, t: Tensor, g_out: Tensor | None, workspace: Workspace) -> Tensor:
+        # Floored: the kernel needs finite logits (a -inf teacher logit is vocabulary padding).
+        return kl_rows(floored_copy(s, inv_t), floored_copy(t, inv_t), g_out, workspace)[0]
 
-    return kernel
+    return row_loss
 
 
-def _ce_kernel(s: Tensor, labels: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _ce_row_loss(s: Tensor, labels: Tensor, g_out: Tensor | None, workspace: Workspace) -> Tensor:
     # Ignored rows are zeroed by the caller; clamp so gather stays in range for them.
-    y = labels.clamp_min(0).unsqueeze(1)  # (n, 1)
-    lse = torch.logsumexp(s, -1)  # (n,)
-    row = lse - s.gather(1, y).squeeze(1)
-    g = None
-    if need_grad:
-        # d/ds CE = softmax(s) - onehot(y)
-        g = s.sub_(lse.unsqueeze(1)).exp_()
-        g.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=g.dtype))
-    return row, g
+    return ce_rows(s, labels.clamp_min(0), g_out)[0]
 
 
-def _mse_kernel(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    d = s.sub_(t.to(torch.float32))  # (n, V)
-    row = d.square().sum(-1)
-    return row, (d.mul_(2.0) if need_grad else None)
+def _mse_row_loss(s: Tensor, t: Tensor, g_out: Tensor | None, workspace: Workspace) -> Tensor:
+    return mse_rows(s, t, g_out)[0]
 
 
 def _check_pair(student: Tensor, teacher: Tensor, what: str) -> None:
@@ -307,7 +282,8 @@ def soft_target_ce(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
     _check_pair(student_logits, teacher_logits, "logits")
-    return _fused(student_logits, teacher_logits, _kl_kernel(float(temperature)), mask, chunk_size)
+    return _vocab_loss(student_logits, teacher_logits, _kl_row_loss(float(temperature)),
+                       loss_factors("kl", temperature), mask, chunk_size)
 
 
 def lm_ce(
@@ -338,7 +314,7 @@ def lm_ce(
             f"and labels {tuple(labels.shape)}."
         )
     mask = labels != ignore_index if label_mask is None else label_mask
-    return _fused(logits, labels, _ce_kernel, mask, chunk_size)
+    return _vocab_loss(logits, labels, _ce_row_loss, loss_factors("ce"), mask, chunk_size)
 
 
 def clm_ce(
@@ -394,7 +370,7 @@ def logits_mse(
         0-dim float32 sum. Count: :func:`count_positions` ``(mask, student_logits)``.
     """
     _check_pair(student_logits, teacher_logits, "logits")
-    return _fused(student_logits, teacher_logits, _mse_kernel, mask, chunk_size)
+    return _vocab_loss(student_logits, teacher_logits, _mse_row_loss, loss_factors("mse"), mask, chunk_size)
 
 
 def shift_labels(labels: Tensor, label_mask: Tensor | None = None, ignore_index: int = -100):
