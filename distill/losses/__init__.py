@@ -3,17 +3,15 @@
 * :mod:`.pointwise`: losses on materialised tensors (soft-target CE, LM/CLM CE, logit MSE), their
   counts, and the row-selection helpers the package shares.
 * :mod:`.hidden`: hidden-state losses, layer maps and :class:`HiddenProjection`.
-* :mod:`.fused`: :func:`projected_vocab_losses`, the vocabulary projection fused with the losses.
+* :mod:`.fused`: :func:`projected_vocab_losses`, the vocabulary projection fused with the losses, and
+  :class:`ProjectedLogits`.
+* :mod:`.heads`: which models' logits are a plain projection (:func:`output_projection`), and
+  :class:`ProjectionInput` to run a model up to it.
+* :mod:`.kernels`: the per-block loss math both vocabulary paths share, and :class:`Workspace`.
 """
 
-from distill.losses.fused import (
-    ProjectedLogits,
-    clear_workspace,
-    output_projection,
-    projected_vocab_losses,
-    projection_input,
-    use_compiled_kernels,
-)
+from distill.losses.fused import ProjectedLogits, projected_vocab_losses
+from distill.losses.heads import ProjectionInput, output_projection, projection_input
 from distill.losses.hidden import (
     HiddenProjection,
     default_layer_map,
@@ -23,6 +21,7 @@ from distill.losses.hidden import (
     multi_layer_mse,
     parse_layer_map,
 )
+from distill.losses.kernels import Workspace
 from distill.losses.pointwise import (
     clm_ce,
     clm_count,
@@ -44,8 +43,8 @@ __all__ = [
     "output_projection",
     "projection_input",
     "shift_labels",
-    "clear_workspace",
-    "use_compiled_kernels",
+    "ProjectionInput",
+    "Workspace",
     "hidden_cosine",
     "hidden_mse",
     "multi_layer_cosine",

@@ -1,11 +1,17 @@
-"""The vocabulary projection fused with the vocabulary losses (:func:`projected_vocab_losses`)."""
+"""The vocabulary projection fused with the vocabulary losses (:func:`projected_vocab_losses`), and
+:class:`ProjectedLogits`, a teacher's logits left uncomputed for it (:mod:`.heads` finds a model's
+projection and runs the model up to it).
+
+The vocabulary projection is most of a small model's FLOPs, and its (N, V) output most of its memory
+traffic. Here the projection runs inside the loss, a chunk of rows at a time: each chunk's logits,
+loss and gradient live in a (chunk, V) block that is reused, and the gradient goes back through the
+projection at once, so only (N, H) and (V, H) gradients are kept for backward. The per-block loss
+math is that of the materialised losses (:mod:`.kernels`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -13,19 +19,6 @@ from torch import Tensor, nn
 from distill.losses.kernels import Workspace, ce_rows, floored_copy, kl_rows, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
 
-
-# --------------------------------------------------------------------------- projection fused with the losses
-#
-# The vocabulary projection is most of a small model's FLOPs, and its (N, V) output most of its memory
-# traffic. Here the projection runs inside the loss, a chunk of rows at a time: each chunk's logits,
-# loss and gradient live in a (chunk, V) block that is reused, and the gradient goes back through the
-# projection at once, so only (N, H) and (V, H) gradients are kept for backward.
-
-# Language models whose logits are exactly ``get_output_embeddings()(last hidden)``: nothing (a scale,
-# a soft cap) follows the projection, so it may be left to the fused losses.
-_PLAIN_HEAD_MODELS = frozenset({"BertForMaskedLM", "DistilBertForMaskedLM", "RobertaForMaskedLM",
-                                "GPT2LMHeadModel", "LlamaForCausalLM"})
-_WRAPPERS = frozenset({"DistributedDataParallel", "OptimizedModule"})
 # Rows per chunk on the CPU, by compute dtype: enough for the chunk's (chunk, H) x (H, V) matmul to run
 # near peak (fp32 needs more rows than bf16), few enough to keep the reused blocks small. On a GPU a
 # chunk is a few (chunk, V) of memory.
@@ -40,45 +33,6 @@ _GROUP_CHUNKS = 2  # 16-bit compute: gradient rows per (V, H) partial, in chunks
 _CPU_VOCAB_COLS_FP32 = 1024
 _CPU_VOCAB_COLS_16BIT = 4096
 _SLICE_ELEMS = 1 << 20  # elements of the fp32 copy of a 16-bit weight-gradient partial
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while type(model).__name__ in _WRAPPERS:
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-def output_projection(model: nn.Module) -> nn.Linear | None:
-    """The model's vocabulary projection when its logits are that ``nn.Linear`` of its last hidden
-    states and nothing else (see ``_PLAIN_HEAD_MODELS``); None otherwise."""
-    inner = _unwrap(model)
-    if type(inner).__name__ not in _PLAIN_HEAD_MODELS:
-        return None
-    proj = inner.get_output_embeddings()
-    return proj if type(proj) is nn.Linear else None
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-@contextlib.contextmanager
-def projection_input(model: nn.Module) -> Iterator[nn.Linear]:
-    """Within, ``model(...).logits`` is the input of the vocabulary projection (B, L, H), not the logits.
-
-    Yields the projection (its ``weight`` (V, H) and ``bias`` (V,) or None), for
-    :func:`projected_vocab_losses` or :class:`ProjectedLogits`. Raises ValueError for a model that
-    :func:`output_projection` does not know.
-    """
-    proj = output_projection(model)
-    if proj is None:
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no plain vocabulary projection to defer")
-    proj.forward = _identity  # an instance attribute: nn.Module.__call__ uses it instead of Linear.forward
-    try:
-        yield proj
-    finally:
-        del proj.forward
 
 
 @dataclass
@@ -105,34 +59,19 @@ class ProjectedLogits:
         return nn.functional.linear(self.hidden.to(dt), self.weight.to(dt), b)
 
 
-class _ThreadWorkspace(threading.local, Workspace):
-    """One :class:`Workspace` per thread."""
-
-
-_WORKSPACE = _ThreadWorkspace()
-
-
-def clear_workspace() -> None:
-    """Free this thread's scratch blocks of :func:`projected_vocab_losses` (they are kept between calls)."""
-    _WORKSPACE.clear()
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the soft-target block kernel of :func:`projected_vocab_losses` through torch.compile
-    (see :class:`Workspace`)."""
-    _WORKSPACE.compiled_kl = Workspace(compiled=True).compiled_kl if enabled else None
+# --------------------------------------------------------------------------- the plan
 
 
 @dataclass
 class _Term:
-    """One loss of :func:`projected_vocab_losses`: ``kind`` is "kl", "mse" or "ce".
+    """One loss of :func:`projected_vocab_losses`, and its gradient accumulators during one call.
 
     Rows are ordered so that the labelled ones (ce's) come first: on those, every loss keeps its logit
     gradient (``gd``) and backward combines them before one matmul through the projection; on the
     others, kl and mse take theirs through it as the chunks go (``dx``, ``dw``, ``db``).
     """
 
-    kind: str
+    kind: str  # the kernel: "kl", "mse" or "ce"
     rows: Tensor | None  # (K,) CPU bool over the ordered rows; None = all of them
     factor: float = 1.0  # the gradient kept is d(loss)/d(logits) / factor
     dx: Tensor | None = None  # (K, H) fp32
@@ -142,183 +81,249 @@ class _Term:
     dw_written: bool = False  # dw holds a first product (it starts uninitialised)
 
 
-def _ce_grad_rows_first(ce_rows: Tensor) -> Tensor:
-    """Positions 0..K-1 reordered: the True ones of ``ce_rows`` (K,) first, each group in order."""
-    return torch.cat([ce_rows.nonzero().squeeze(1), (~ce_rows).nonzero().squeeze(1)])
+@dataclass
+class _Plan:
+    """What :class:`_ProjectedVocabLosses` computes besides its three differentiable inputs (hidden,
+    weight, bias), as :func:`projected_vocab_losses` decided it.
+
+    The rows computed on are the K rows of the flattened hidden (N, H) that some loss covers, the
+    labelled ones first: rows ``0..k_ce-1`` below are those, ``k_ce..K-1`` the others.
+    """
+
+    terms: list[_Term]  # one per loss, in the order of the returned sums
+    index: Tensor | None  # (K,) on the device: the rows of the flattened hidden, in that order; None = all N
+    k_ce: int  # the first k_ce rows carry labels (0 without lm_ce)
+    labels: Tensor | None  # (K,) class ids of the rows, clamped to >= 0; only the first k_ce are read
+    teacher: ProjectedLogits | Tensor | None  # the teacher's logits (B, L, V) / (N, V), or uncomputed
+    compute_dtype: torch.dtype  # of the matmuls and of the kept logit gradients; softmaxes are fp32
+    chunk: int  # rows projected at a time
+    group: int  # kl/mse gradient rows of unlabelled rows taken through the projection at a time
+    scale: float  # folded into both projections: 1/T when only the soft-target loss reads the teacher
+    inv_t: float  # 1 / temperature
+    row_factor: list[float]  # per term: its loss is this times the sum of its kernel's rows
+    need_x: bool  # gradients wanted for hidden, weight and bias (grad mode on and requires_grad)
+    need_w: bool
+    need_b: bool
+    workspace: Workspace  # scratch blocks and kernel choice
+
+    @property
+    def need_grad(self) -> bool:
+        return self.need_x or self.need_w or self.need_b
+
+
+def _add_weight_grad(dw: Tensor, g: Tensor, xr: Tensor, workspace: Workspace, first: bool = False) -> None:
+    """dw (V, H) fp32 += g.T @ xr (= when ``first``: dw is then uninitialised); a 16-bit product is
+    added a slice at a time, so that its fp32 copy stays small."""
+    if g.dtype == torch.float32:
+        if first:
+            torch.mm(g.t(), xr, out=dw)
+        else:
+            dw.addmm_(g.t(), xr)
+        return
+    part = torch.mm(g.t(), xr, out=workspace.get("dw16", dw.shape, g.dtype, dw.device))
+    if first:
+        dw.copy_(part)
+    elif dw.device.type != "cpu":  # casts on the fly
+        dw += part
+    else:
+        step = max(1, _SLICE_ELEMS // dw.shape[1])
+        for r in range(0, dw.shape[0], step):
+            p32 = workspace.get("dw32", (min(step, dw.shape[0] - r), dw.shape[1]), torch.float32, dw.device)
+            dw[r:r + step] += p32.copy_(part[r:r + step])
+
+
+# --------------------------------------------------------------------------- forward
+
+
+class _ForwardPass:
+    """One forward of :class:`_ProjectedVocabLosses`: the operands in the compute dtype, the loop over
+    chunks of rows, and per kl/mse term a group block gathering gradient rows of unlabelled rows until
+    it is full and taken through the projection (:meth:`flush`)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan):
+        self.plan = p = plan
+        cdt = p.compute_dtype
+        self.n_rows = hidden.numel() // hidden.shape[-1]
+        x = hidden.reshape(self.n_rows, hidden.shape[-1])
+        self.x = (x if p.index is None else x.index_select(0, p.index)).to(cdt)  # (K, H)
+        self.w = weight.to(cdt)  # (V, H)
+        self.b = None if bias is None else (bias.float() * p.scale).to(cdt)
+        self.K, self.V = self.x.shape[0], self.w.shape[0]
+        self.dev = self.x.device
+        self.cols = self.V
+        if self.dev.type == "cpu":
+            self.cols = _CPU_VOCAB_COLS_FP32 if cdt == torch.float32 else _CPU_VOCAB_COLS_16BIT
+        self._teacher_operands()
+        self.totals = [torch.zeros((), dtype=torch.float32, device=self.dev) for _ in p.terms]
+        self.pending: list[list] = [[] for _ in p.terms]  # per kl/mse term: (rows in its group block, positions)
+        if p.need_grad:
+            self._allocate_grads()
+
+    def _teacher_operands(self) -> None:
+        """The teacher's side: its rows (t_rows) or its projection's operands (t_x, t_w, t_b)."""
+        p, teacher = self.plan, self.plan.teacher
+        self.t_rows = self.t_x = self.t_w = self.t_b = None
+        if isinstance(teacher, ProjectedLogits):
+            th = teacher.hidden.reshape(self.n_rows, teacher.hidden.shape[-1])
+            self.t_x = (th if p.index is None else th.index_select(0, p.index)).to(p.compute_dtype)
+            self.t_w = teacher.weight.to(p.compute_dtype)
+            # A -inf bias (masked vocabulary) would make 0 * -inf = NaN in the KL sum: floor it.
+            self.t_b = None if teacher.bias is None else floored_copy(teacher.bias, p.scale).to(p.compute_dtype)
+        elif teacher is not None:
+            self.t_rows = teacher.reshape(self.n_rows, teacher.shape[-1])
+        self.uses_teacher = teacher is not None and any(tm.kind != "ce" for tm in p.terms)
+
+    def _allocate_grads(self) -> None:
+        p, K, V, H = self.plan, self.K, self.V, self.x.shape[1]
+        for term in p.terms:
+            term.db = torch.zeros(V, dtype=torch.float32, device=self.dev) if p.need_b else None
+            if p.k_ce > 0:  # zeroed when the loss skips some labelled rows
+                alloc = torch.empty if term.kind == "ce" or term.rows is None else torch.zeros
+                term.gd = alloc(p.k_ce, V, dtype=p.compute_dtype, device=self.dev)
+            if term.kind != "ce" and p.k_ce < K:
+                term.dx = torch.zeros(K, H, dtype=torch.float32, device=self.dev) if p.need_x else None
+                # written by the first flush (there is one: some rows are not labelled)
+                term.dw = torch.empty(V, H, dtype=torch.float32, device=self.dev) if p.need_w else None
+                term.dw_written = False
+
+    def scratch(self, name: str, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.plan.workspace.get(name, (rows, self.V), dtype, self.dev)
+
+    def project(self, xc: Tensor, wc: Tensor, bc: Tensor | None, out: Tensor) -> Tensor:
+        """out (n, V) = (xc @ wc.T + bc) * scale, a slice of ``cols`` vocabulary columns at a time."""
+        V, cols, scale = self.V, self.cols, self.plan.scale
+        for c in range(0, V, cols):
+            e = min(c + cols, V)
+            o = out if cols >= V else out[:, c:e]
+            if bc is None:
+                torch.addmm(o, xc, wc[c:e].t(), beta=0, alpha=scale, out=o)
+            else:
+                torch.addmm(bc[c:e], xc, wc[c:e].t(), alpha=scale, out=o)
+        return out
+
+    def run(self) -> list[Tensor]:
+        """Every chunk of the labelled rows, then of the others; the per-term sums of kernel rows."""
+        p = self.plan
+        for lo, hi in ((0, p.k_ce), (p.k_ce, self.K)):
+            for a in range(lo, hi, p.chunk):
+                self._chunk(a, min(a + p.chunk, hi), labelled=lo == 0 and p.k_ce > 0)
+        for i in range(len(p.terms)):
+            self.flush(i)
+        return self.totals
+
+    def _chunk(self, a: int, z: int, labelled: bool) -> None:
+        """Rows a..z-1: project the student (and the teacher), then each loss on the block."""
+        p, n = self.plan, z - a
+        s = self.project(self.x[a:z], self.w, self.b, self.scratch("s", n, p.compute_dtype))  # (n, V)
+        t = None
+        if self.uses_teacher:
+            if self.t_rows is not None:
+                t = floored_copy(self.t_rows[slice(a, z) if p.index is None else p.index[a:z]], p.scale)
+            else:
+                t = self.project(self.t_x[a:z], self.t_w, self.t_b, self.scratch("t", n, p.compute_dtype))
+        # ce and mse first: kl, usually on every row, then reads the blocks last (it overwrites them).
+        for i in sorted(range(len(p.terms)), key=lambda i: p.terms[i].kind == "kl"):
+            term = p.terms[i]
+            if term.kind == "ce":
+                if not labelled:
+                    continue
+                sb = s if p.scale == 1.0 else s * (1.0 / p.scale)  # the labels' loss is on raw logits
+                row, colsum = ce_rows(sb, p.labels[a:z], term.gd[a:z] if p.need_grad else None, p.need_b)
+            else:
+                done = self._teacher_loss(i, s, t, a, z, labelled)
+                if done is None:
+                    continue
+                row, colsum = done
+            self.totals[i] += row.sum()
+            if term.db is not None and colsum is not None:
+                term.db += colsum
+
+    def _teacher_loss(self, i: int, s: Tensor, t: Tensor, a: int, z: int,
+                      labelled: bool) -> tuple[Tensor, Tensor | None] | None:
+        """kl or mse (term i) on the rows a..z-1 it covers, if any; their gradient goes to the term's
+        kept gradient (labelled rows) or to its group block."""
+        p, term = self.plan, self.plan.terms[i]
+        local = None if term.rows is None else term.rows[a:z]
+        sel = None
+        if local is not None and not bool(local.all()):
+            if not bool(local.any()):
+                return None
+            sel = local.nonzero().squeeze(1).to(self.dev, non_blocking=True)
+        k = z - a if sel is None else int(sel.numel())
+        sb = s if sel is None else s.index_select(0, sel)
+        tb = t if sel is None else t.index_select(0, sel)
+        g_out = None
+        if p.need_grad and labelled:  # kept for backward, at the rows' places
+            g_out = term.gd[a:z] if sel is None else self.scratch("gsel", k, p.compute_dtype)
+        elif p.need_grad:  # into the group block, taken through the projection when full
+            g_out = self._group_rows(i, k, slice(a, z) if sel is None else a + sel)
+        if term.kind == "kl":
+            if p.scale != p.inv_t:  # 1/T not folded into the matmuls (mse needs raw logits)
+                sb, tb = sb.float().mul_(p.inv_t), tb.float().mul_(p.inv_t)
+            done = kl_rows(sb, tb, g_out, p.workspace, p.need_b)
+        else:
+            done = mse_rows(sb, tb, g_out, p.need_b)
+        if p.need_grad and labelled and sel is not None:
+            term.gd[a:z].index_copy_(0, sel, g_out)
+        return done
+
+    def _group_rows(self, i: int, k: int, positions: slice | Tensor) -> Tensor:
+        """The next k rows of term i's group block (flushed first if they do not fit), for the
+        gradient of the rows at ``positions``."""
+        group, parts = self.plan.group, self.pending[i]
+        used = sum(part[0] for part in parts)
+        if used + k > group:
+            self.flush(i)
+            used = 0
+        parts.append((k, positions))
+        return self.scratch(f"group{i}", group, self.plan.compute_dtype)[used:used + k]
+
+    def flush(self, i: int) -> None:
+        """Take the gradient rows gathered in term i's group block through the projection."""
+        p, term, parts = self.plan, self.plan.terms[i], self.pending[i]
+        if not parts:
+            return
+        m = sum(part[0] for part in parts)
+        g = self.scratch(f"group{i}", p.group, p.compute_dtype)[:m]
+        if all(isinstance(q[1], slice) for q in parts) and all(
+                r[1].start == q[1].stop for q, r in zip(parts, parts[1:])):
+            where: slice | Tensor = slice(parts[0][1].start, parts[-1][1].stop)
+            xr = self.x[where]
+        else:
+            where = torch.cat([q[1] if isinstance(q[1], Tensor) else
+                               torch.arange(q[1].start, q[1].stop, device=self.dev) for q in parts])
+            xr = self.x.index_select(0, where)
+        if term.dx is not None:
+            if p.compute_dtype == torch.float32 and isinstance(where, slice):
+                torch.mm(g, self.w, out=term.dx[where])
+            else:
+                term.dx[where] = torch.mm(g, self.w).float()
+        if term.dw is not None:
+            _add_weight_grad(term.dw, g, xr, p.workspace, first=not term.dw_written)
+            term.dw_written = True
+        parts.clear()
+
+
+# --------------------------------------------------------------------------- autograd
 
 
 class _ProjectedVocabLosses(torch.autograd.Function):
+    """The losses of a :class:`_Plan` on ``hidden @ weight.T + bias``; one sum per term."""
+
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: dict) -> tuple[Tensor, ...]:  # type: ignore[override]
-        terms: list[_Term] = plan["terms"]
-        index = plan["index"]  # (K,) rows of the flattened hidden, in order; None = all, as they are
-        k_ce = plan["k_ce"]  # the first k_ce rows carry labels
-        cdt, chunk, group = plan["compute_dtype"], plan["chunk"], plan["group"]
-        scale, inv_t = plan["scale"], plan["inv_t"]
-        need_x, need_w, need_b = plan["need"]
-        need_grad = need_x or need_w or need_b
-        n_rows = hidden.numel() // hidden.shape[-1]
-        x = hidden.reshape(n_rows, hidden.shape[-1])
-        x = (x if index is None else x.index_select(0, index)).to(cdt)  # (K, H)
-        w = weight.to(cdt)  # (V, H)
-        b = None if bias is None else (bias.float() * scale).to(cdt)
-        K, H, V = x.shape[0], x.shape[1], w.shape[0]
-        dev = x.device
-        teacher = plan["teacher"]
-        t_rows = t_x = t_w = t_b = None
-        if isinstance(teacher, ProjectedLogits):
-            th = teacher.hidden.reshape(n_rows, teacher.hidden.shape[-1])
-            t_x = (th if index is None else th.index_select(0, index)).to(cdt)
-            t_w = teacher.weight.to(cdt)
-            # A -inf bias (masked vocabulary) would make 0 * -inf = NaN in the KL sum: floor it.
-            t_b = None if teacher.bias is None else floored_copy(teacher.bias, scale).to(cdt)
-        elif teacher is not None:
-            t_rows = teacher.reshape(n_rows, teacher.shape[-1])
-        uses_teacher = teacher is not None and any(tm.kind != "ce" for tm in terms)
-
-        def scratch(name: str, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
-            return _WORKSPACE.get(name, (rows, V), dtype, dev)
-
-        def add_weight_grad(dw: Tensor, g: Tensor, xr: Tensor, first: bool = False) -> None:
-            """dw (V, H) fp32 += g.T @ xr (= when ``first``: dw is then uninitialised); a 16-bit
-            product is added a slice at a time."""
-            if g.dtype == torch.float32:
-                if first:
-                    torch.mm(g.t(), xr, out=dw)
-                else:
-                    dw.addmm_(g.t(), xr)
-                return
-            part = torch.mm(g.t(), xr, out=_WORKSPACE.get("dw16", dw.shape, g.dtype, dev))
-            if first:
-                dw.copy_(part)
-            elif dev.type != "cpu":  # casts on the fly
-                dw += part
-            else:
-                step = max(1, _SLICE_ELEMS // dw.shape[1])
-                for r in range(0, dw.shape[0], step):  # an fp32 copy of a slice at a time, not of all
-                    p32 = _WORKSPACE.get("dw32", (min(step, dw.shape[0] - r), dw.shape[1]), torch.float32, dev)
-                    dw[r:r + step] += p32.copy_(part[r:r + step])
-
-        cols = V
-        if dev.type == "cpu":
-            cols = _CPU_VOCAB_COLS_FP32 if cdt == torch.float32 else _CPU_VOCAB_COLS_16BIT
-
-        def project(xc: Tensor, wc: Tensor, bc: Tensor | None, out: Tensor) -> Tensor:
-            """out (n, V) = (xc @ wc.T + bc) * scale, a slice of ``cols`` vocabulary columns at a time."""
-            for c in range(0, V, cols):
-                e = min(c + cols, V)
-                o = out if cols >= V else out[:, c:e]
-                if bc is None:
-                    torch.addmm(o, xc, wc[c:e].t(), beta=0, alpha=scale, out=o)
-                else:
-                    torch.addmm(bc[c:e], xc, wc[c:e].t(), alpha=scale, out=o)
-            return out
-
-        totals = [torch.zeros((), dtype=torch.float32, device=dev) for _ in terms]
-        pending: list[list] = [[] for _ in terms]  # per kl/mse term: (rows in the group block, positions)
-        if need_grad:
-            for term in terms:
-                term.db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-                if k_ce > 0:  # zeroed when the loss skips some labelled rows
-                    alloc = torch.empty if term.kind == "ce" or term.rows is None else torch.zeros
-                    term.gd = alloc(k_ce, V, dtype=cdt, device=dev)
-                if term.kind != "ce" and k_ce < K:
-                    term.dx = torch.zeros(K, H, dtype=torch.float32, device=dev) if need_x else None
-                    # written by the first flush (there is one: some rows are not labelled)
-                    term.dw = torch.empty(V, H, dtype=torch.float32, device=dev) if need_w else None
-                    term.dw_written = False
-
-        def flush(i: int) -> None:
-            """Take the gradient rows gathered in term i's group block through the projection."""
-            term, parts = terms[i], pending[i]
-            if not parts:
-                return
-            m = sum(p[0] for p in parts)
-            g = scratch(f"group{i}", group, cdt)[:m]
-            if all(isinstance(p[1], slice) for p in parts) and all(
-                    p[1].start == q[1].stop for q, p in zip(parts, parts[1:])):
-                where: slice | Tensor = slice(parts[0][1].start, parts[-1][1].stop)
-                xr = x[where]
-            else:
-                where = torch.cat([p[1] if isinstance(p[1], Tensor) else
-                                   torch.arange(p[1].start, p[1].stop, device=dev) for p in parts])
-                xr = x.index_select(0, where)
-            if term.dx is not None:
-                if cdt == torch.float32 and isinstance(where, slice):
-                    torch.mm(g, w, out=term.dx[where])
-                else:
-                    term.dx[where] = torch.mm(g, w).float()
-            if term.dw is not None:
-                add_weight_grad(term.dw, g, xr, first=not term.dw_written)
-                term.dw_written = True
-            parts.clear()
-
-        # ce and mse first: kl, usually on every row, then reads the blocks last.
-        order = sorted(range(len(terms)), key=lambda i: terms[i].kind == "kl")
-        segments = [(lo, hi) for lo, hi in ((0, k_ce), (k_ce, K)) if hi > lo]
-        for lo, hi in segments:
-            labelled = lo == 0 and k_ce > 0
-            for a in range(lo, hi, chunk):
-                z = min(a + chunk, hi)
-                n = z - a
-                s = project(x[a:z], w, b, scratch("s", n, cdt))  # (n, V), scaled by 1 / T when folded
-                t = None
-                if uses_teacher:
-                    if t_rows is not None:
-                        ix = slice(a, z) if index is None else index[a:z]
-                        t = floored_copy(t_rows[ix], scale)  # see t_b above
-                    else:
-                        t = project(t_x[a:z], t_w, t_b, scratch("t", n, cdt))
-                for i in order:
-                    term = terms[i]
-                    if term.kind == "ce":
-                        if not labelled:
-                            continue
-                        sb = s if scale == 1.0 else s * (1.0 / scale)  # the labels' loss is on raw logits
-                        g_out = term.gd[a:z] if need_grad else None
-                        row, colsum = ce_rows(sb, plan["labels"][a:z], g_out, need_b)
-                    else:
-                        local = None if term.rows is None else term.rows[a:z]
-                        sel = None
-                        if local is not None and not bool(local.all()):
-                            if not bool(local.any()):
-                                continue
-                            sel = local.nonzero().squeeze(1).to(dev, non_blocking=True)
-                        k = n if sel is None else int(sel.numel())
-                        sb = s if sel is None else s.index_select(0, sel)
-                        tb = t if sel is None else t.index_select(0, sel)
-                        g_out = None
-                        if need_grad and labelled:  # kept for backward, at the rows' places
-                            g_out = term.gd[a:z] if sel is None else scratch("gsel", k, cdt)
-                        elif need_grad:  # into the group block, taken through the projection when full
-                            used = sum(p[0] for p in pending[i])
-                            if used + k > group:
-                                flush(i)
-                                used = 0
-                            g_out = scratch(f"group{i}", group, cdt)[used:used + k]
-                            pending[i].append((k, slice(a, z) if sel is None else a + sel))
-                        if term.kind == "kl":
-                            if scale != inv_t:  # 1/T not folded into the matmuls (mse needs raw logits)
-                                sb, tb = sb.float().mul_(inv_t), tb.float().mul_(inv_t)
-                            row, colsum = kl_rows(sb, tb, g_out, _WORKSPACE, need_b)
-                        else:
-                            row, colsum = mse_rows(sb, tb, g_out, need_b)
-                        if need_grad and labelled and sel is not None:
-                            term.gd[a:z].index_copy_(0, sel, g_out)
-                    totals[i] += row.sum()
-                    if term.db is not None and colsum is not None:
-                        term.db += colsum
-        for i in range(len(terms)):
-            flush(i)
-        ctx.terms = terms if need_grad else []
-        ctx.add_weight_grad = add_weight_grad
-        ctx.x, ctx.w, ctx.cdt = (x, w, cdt) if need_grad else (None, None, cdt)
-        ctx.index, ctx.n_rows, ctx.k_rows, ctx.k_ce = index, n_rows, K, k_ce
-        ctx.need = (need_x, need_w, need_b)
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+                plan: _Plan) -> tuple[Tensor, ...]:
+        fp = _ForwardPass(hidden, weight, bias, plan)
+        totals = fp.run()
+        ctx.terms = plan.terms if plan.need_grad else []
+        ctx.x, ctx.w = (fp.x, fp.w) if plan.need_grad else (None, None)
+        ctx.index, ctx.n_rows, ctx.k_rows, ctx.k_ce = plan.index, fp.n_rows, fp.K, plan.k_ce
+        ctx.need = (plan.need_x, plan.need_w, plan.need_b)
+        ctx.workspace = plan.workspace
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return tuple(tot * plan["row_factor"][i] for i, tot in enumerate(totals))
+        return tuple(tot * rf for tot, rf in zip(totals, plan.row_factor))
 
     @staticmethod
     def backward(ctx, *grad_outs: Tensor):  # type: ignore[override]
@@ -347,7 +352,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
             if need_w:
                 if dw is None:
                     dw = torch.zeros(g.shape[1], ctx.x.shape[1], dtype=torch.float32, device=g.device)
-                ctx.add_weight_grad(dw, g, ctx.x[:ctx.k_ce])
+                _add_weight_grad(dw, g, ctx.x[:ctx.k_ce], ctx.workspace)
             del g
         if dx is not None:
             if ctx.index is not None:
@@ -360,11 +365,97 @@ class _ProjectedVocabLosses(torch.autograd.Function):
         return dx, dw, db, None
 
 
+# --------------------------------------------------------------------------- entry point
+
+
 def _cpu_rows(mask: Tensor, n: int, what: str) -> Tensor:
     if mask.numel() != n:
         raise ValueError(f"{what} has {mask.numel()} positions but the hidden states have {n} rows.")
     m = mask.reshape(n)
     return (m if m.dtype == torch.bool else m != 0).cpu()  # a host sync if the mask is on a GPU
+
+
+def _check_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher, temperature: float,
+                soft_target: bool, mse: bool, labels: Tensor | None) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if (soft_target or mse) and teacher is None:
+        raise ValueError("soft_target and mse need the teacher's logits.")
+    if not (soft_target or mse or labels is not None):
+        raise ValueError("no loss asked for: set soft_target, mse or labels.")
+    H, V = hidden.shape[-1], weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must be (V, {H}), got {tuple(weight.shape)}.")
+    if bias is not None and bias.shape != (V,):
+        raise ValueError(f"bias must be ({V},), got {tuple(bias.shape)}.")
+    lead = hidden.shape[:-1]
+    if teacher is not None and tuple(teacher.shape) != (*lead, V):
+        raise ValueError(f"teacher logits must be {(*lead, V)}, got {tuple(teacher.shape)}.")
+    if labels is not None and labels.shape != lead:
+        raise ValueError(f"labels must be {tuple(lead)}, got {tuple(labels.shape)}.")
+
+
+def _ordered_rows(kinds: list[str], row_masks: list[Tensor | None],
+                  n: int) -> tuple[Tensor | None, list[Tensor | None], int]:
+    """The rows any loss covers, labelled first: (their indices into the N rows on the CPU, None =
+    all N in order; each loss's CPU mask over them, None = all; how many carry labels). The other
+    rows (padding, unmasked tokens of an MLM-only run) are never projected."""
+    if any(m is None for m in row_masks):
+        union = None
+    else:
+        union = row_masks[0].clone()
+        for m in row_masks[1:]:
+            union |= m
+        if bool(union.all()):
+            union = None
+    index = None if union is None else union.nonzero().squeeze(1)
+    k = n if index is None else int(index.numel())
+    rows = [None if m is None else (m if union is None else m[union]) for m in row_masks]  # (k,) each
+    # The labelled rows first (see _Term), unless every row is labelled.
+    k_ce = 0
+    if "ce" in kinds and k > 0:
+        ce = rows[kinds.index("ce")]
+        k_ce = int(ce.sum())
+        if k_ce < k:
+            perm = torch.cat([ce.nonzero().squeeze(1), (~ce).nonzero().squeeze(1)])  # each group in order
+            index = perm if index is None else index[perm]
+            rows = [None if m is None else m[perm] for m in rows]
+    return index, rows, k_ce
+
+
+def _chunk_rows(chunk_size: int | None, device: torch.device, cdt: torch.dtype, V: int) -> int:
+    if chunk_size is not None and chunk_size > 0:
+        return int(chunk_size)
+    if device.type == "cpu":
+        return _CPU_CHUNK_ROWS_FP32 if cdt == torch.float32 else _CPU_CHUNK_ROWS_16BIT
+    return max(64, _GPU_CHUNK_BYTES // (4 * V))
+
+
+def _make_plan(hidden: Tensor, kinds: list[str], rows: list[Tensor | None], index_cpu: Tensor | None,
+               k_ce: int, labels: Tensor | None, *, teacher, temperature: float, scale: float,
+               compute_dtype: torch.dtype, chunk: int, need: tuple[bool, bool, bool],
+               workspace: Workspace) -> _Plan:
+    """The :class:`_Plan` of one call, from the rows :func:`_ordered_rows` chose."""
+    n = hidden.numel() // hidden.shape[-1]
+    index = None if index_cpu is None else index_cpu.to(hidden.device, non_blocking=True)
+    terms = [_Term(kind, None if (m is None or kind == "ce" or bool(m.all())) else m)
+             for kind, m in zip(kinds, rows)]
+    row_factor = []
+    for term in terms:  # the kernels' gradients and row sums, times these, are the losses'
+        rf, term.factor = loss_factors(term.kind, temperature)
+        row_factor.append(rf)
+    flat = None
+    if labels is not None:
+        flat = labels.reshape(n)
+        flat = flat if index is None else flat.index_select(0, index)
+        flat = flat.clamp_min(0)  # ignored rows never reach the kernel; keep gather in range
+    return _Plan(
+        terms=terms, index=index, k_ce=k_ce, labels=flat, teacher=teacher, compute_dtype=compute_dtype,
+        chunk=chunk, scale=scale, inv_t=1.0 / temperature, row_factor=row_factor,
+        # Gradient rows go through the projection a group at a time: every chunk in fp32 (the weight
+        # gradient accumulates in place), several in 16 bits (each group adds a (V, H) partial).
+        group=chunk if compute_dtype == torch.float32 else chunk * _GROUP_CHUNKS,
+        need_x=need[0], need_w=need[1], need_b=need[2], workspace=workspace)
 
 
 def projected_vocab_losses(
@@ -382,20 +473,22 @@ def projected_vocab_losses(
     ignore_index: int = -100,
     compute_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    workspace: Workspace | None = None,
 ) -> dict[str, Tensor]:
-    """The vocabulary losses of the logits ``hidden @ weight.T + bias``, never holding those logits.
+    """The vocabulary losses of the logits ``hidden @ weight.T + bias``, never materialising them.
 
     Rows are projected a chunk at a time; each chunk's losses and logit gradient are computed at once
-    and the gradient is taken through the projection there, so memory holds one (chunk, V) block and
-    the (N, H), (V, H) gradients, never an (N, V) tensor. Only the rows some loss covers are projected.
-    Each returned sum equals the unfused function on the materialised logits:
+    and the gradient is taken through the projection there, so memory holds (chunk, V) blocks and
+    the (N, H), (V, H) gradients: this function makes no (N, V) tensor (a teacher passed as a logits
+    tensor is one, made by the caller). Only the rows some loss covers are projected. Each returned
+    sum equals the unfused function on the materialised logits:
 
     * ``"soft_target_ce"`` (``soft_target=True``, needs ``teacher``): :func:`soft_target_ce` over ``mask``.
     * ``"logits_mse"`` (``mse=True``, needs ``teacher``): :func:`logits_mse` over ``mask``.
     * ``"lm_ce"`` (``labels`` given): :func:`lm_ce` (shift the labels first for causal LM: :func:`shift_labels`).
 
     Args:
-        hidden: (B, L, H) or (N, H), the projection's input (see :func:`projection_input`).
+        hidden: (B, L, H) or (N, H), the projection's input (see :class:`ProjectionInput`).
         weight: (V, H); bias: (V,) or None. Both receive gradients when they require them.
         teacher: the teacher's logits, as a (B, L, V) tensor or uncomputed :class:`ProjectedLogits`.
         mask: (B, L) or (N,) rows of soft_target / mse; None = all.
@@ -404,26 +497,14 @@ def projected_vocab_losses(
         compute_dtype: dtype of the matmuls (bf16 under bf16 autocast); None = the hidden's. The
             softmaxes and sums are fp32 whatever it is.
         chunk_size: rows per chunk; None = a size suited to the device.
+        workspace: scratch blocks kept between calls, and the kernel choice (:class:`Workspace`);
+            None = a new one for this call (eager kernels; its blocks are freed afterwards).
 
     Masks and label masks are read on the CPU (a host sync for masks on a GPU). Counts are those of
     the unfused functions. One backward per call (no ``retain_graph``, no double backward).
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    if (soft_target or mse) and teacher is None:
-        raise ValueError("soft_target and mse need the teacher's logits.")
-    if not (soft_target or mse or labels is not None):
-        raise ValueError("no loss asked for: set soft_target, mse or labels.")
-    H, V = hidden.shape[-1], weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"weight must be (V, {H}), got {tuple(weight.shape)}.")
-    if bias is not None and bias.shape != (V,):
-        raise ValueError(f"bias must be ({V},), got {tuple(bias.shape)}.")
-    n = hidden.numel() // H if H else 0
-    lead = hidden.shape[:-1]
-    if teacher is not None and tuple(teacher.shape) != (*lead, V):
-        raise ValueError(f"teacher logits must be {(*lead, V)}, got {tuple(teacher.shape)}.")
-
+    _check_args(hidden, weight, bias, teacher, temperature, soft_target, mse, labels)
+    n = hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
     wanted = []  # (name, kind, CPU row mask or None = every row)
     teacher_rows = None if mask is None else _cpu_rows(mask, n, "mask")
     if soft_target:
@@ -431,72 +512,22 @@ def projected_vocab_losses(
     if mse:
         wanted.append(("logits_mse", "mse", teacher_rows))
     if labels is not None:
-        if labels.shape != lead:
-            raise ValueError(f"labels must be {tuple(lead)}, got {tuple(labels.shape)}.")
         lm = labels != ignore_index if label_mask is None else label_mask
         wanted.append(("lm_ce", "ce", _cpu_rows(lm, n, "label_mask")))
-    names = [w[0] for w in wanted]
-    kinds = [w[1] for w in wanted]
-    row_masks = [w[2] for w in wanted]
-
-    # The rows any loss covers; the others (padding, unmasked tokens of an MLM-only run) are never projected.
-    if any(m is None for m in row_masks):
-        union = None
-    else:
-        union = row_masks[0].clone()
-        for m in row_masks[1:]:
-            union |= m
-        if bool(union.all()):
-            union = None
-    index_cpu = None if union is None else union.nonzero().squeeze(1)
-    k = n if index_cpu is None else int(index_cpu.numel())
-    if k == 0:
+    names, kinds, row_masks = (list(col) for col in zip(*wanted))
+    index, rows, k_ce = _ordered_rows(kinds, row_masks, n)
+    if (n if index is None else index.numel()) == 0:
         zero = _connected_zero(hidden, weight, bias)
         return {name: zero.clone() for name in names}
-    rows_u = [None if m is None else (m if union is None else m[union]) for m in row_masks]  # (k,) each
-    # The labelled rows first (see _Term), unless every row is labelled.
-    k_ce = 0
-    if "ce" in kinds:
-        ce_rows = rows_u[kinds.index("ce")]
-        k_ce = int(ce_rows.sum())
-        if k_ce < k:
-            perm = _ce_grad_rows_first(ce_rows)
-            index_cpu = perm if index_cpu is None else index_cpu[perm]
-            rows_u = [None if m is None else m[perm] for m in rows_u]
-    dev = hidden.device
-    index = None if index_cpu is None else index_cpu.to(dev, non_blocking=True)
-    terms = [_Term(kind, None if (m is None or kind == "ce" or bool(m.all())) else m)
-             for kind, m in zip(kinds, rows_u)]
-
-    T = float(temperature)
-    # With only the soft-target loss on the teacher's side, 1/T is folded into the matmuls.
-    scale = 1.0 / T if soft_target and not mse else 1.0
-    row_factor = []
-    for term in terms:  # the kernels' gradients and row sums, times these, are the losses'
-        rf, term.factor = loss_factors(term.kind, T)
-        row_factor.append(rf)
-    if labels is not None:
-        flat = labels.reshape(n)
-        flat = flat if index is None else flat.index_select(0, index)
-        flat = flat.clamp_min(0)  # ignored rows never reach the kernel; keep gather in range
-    else:
-        flat = None
-    cdt = compute_dtype or hidden.dtype
-    if chunk_size is None or chunk_size <= 0:
-        if dev.type == "cpu":
-            chunk_size = _CPU_CHUNK_ROWS_FP32 if cdt == torch.float32 else _CPU_CHUNK_ROWS_16BIT
-        else:
-            chunk_size = max(64, _GPU_CHUNK_BYTES // (4 * V))
-    # Gradient rows are taken through the projection a group at a time: every chunk in fp32 (the
-    # weight gradient accumulates in place), several in 16 bits (each group adds a (V, H) partial).
-    group = chunk_size if cdt == torch.float32 else chunk_size * _GROUP_CHUNKS
-    need_x = hidden.requires_grad
-    need_w = weight.requires_grad
-    need_b = bias is not None and bias.requires_grad
-    grad_on = torch.is_grad_enabled()
-    plan = {"terms": terms, "index": index, "compute_dtype": cdt, "chunk": int(chunk_size), "scale": scale,
-            "need": (grad_on and need_x, grad_on and need_w, grad_on and need_b), "teacher": teacher,
-            "labels": flat, "row_factor": row_factor, "inv_t": 1.0 / T, "group": group, "k_ce": k_ce}
+    T, cdt, dev, grad_on = float(temperature), compute_dtype or hidden.dtype, hidden.device, torch.is_grad_enabled()
+    plan = _make_plan(
+        hidden, kinds, rows, index, k_ce, labels, teacher=teacher, temperature=T,
+        # With only the soft-target loss on the teacher's side, 1/T is folded into the matmuls.
+        scale=1.0 / T if soft_target and not mse else 1.0,
+        compute_dtype=cdt, chunk=_chunk_rows(chunk_size, dev, cdt, weight.shape[0]),
+        need=(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+              grad_on and bias is not None and bias.requires_grad),
+        workspace=workspace if workspace is not None else Workspace())
     device_type = dev.type if dev.type in ("cpu", "cuda") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):  # the dtypes here are explicit
         sums = _ProjectedVocabLosses.apply(hidden, weight, bias, plan)
