@@ -74,15 +74,9 @@ def hidden_mse(
     """``sum over selected positions of mean over H of (s - t)**2``.
 
     The mean over H (rather than the sum) keeps the scale independent of the model width,
-    so one loss weight works for different teacher sizes.
-
-    Args:
-        student_hidden: (B, L, H) or (N, H); already projected to the teacher width.
-        teacher_hidden: same shape; no gradient.
-        mask: (B, L) or (N,); None = all positions.
-
-    Returns:
-        0-dim float32 sum. Count: :func:`count_positions` ``(mask, student_hidden)``.
+    so one loss weight works for different teacher sizes. Arguments (``student_hidden``
+    (B, L, H) or (N, H), ``teacher_hidden`` the same shape, ``mask`` (B, L) or (N,)), result
+    and count as :func:`hidden_cosine`.
     """
     return _hidden_loss(student_hidden, teacher_hidden, mask, _sq_err_mean)
 
@@ -293,13 +287,9 @@ def multi_layer_cosine(
     return _multi_layer(student_hiddens, teacher_hiddens, layer_map, mask, projection, _one_minus_cos)
 
 
-def multi_layer_mse(
-    student_hiddens: Sequence[Tensor],
-    teacher_hiddens: Sequence[Tensor],
-    layer_map: Sequence[tuple[int, int]],
-    mask: Tensor | None = None,
-    projection: HiddenProjection | None = None,
-) -> Tensor:
+def multi_layer_mse(student_hiddens: Sequence[Tensor], teacher_hiddens: Sequence[Tensor],
+                    layer_map: Sequence[tuple[int, int]], mask: Tensor | None = None,
+                    projection: HiddenProjection | None = None) -> Tensor:
     """Sum over positions of the mean over layer pairs of :func:`hidden_mse`'s row term.
 
     Same arguments, count and errors as :func:`multi_layer_cosine`; the per-position term is

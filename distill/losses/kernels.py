@@ -39,8 +39,9 @@ class Workspace:
     first call compiles (seconds; PyTorch caches the result on disk); if compiling fails the eager
     kernel is used from then on, with a warning.
 
-    Owned by the caller: the Distiller keeps one for its run; a call given none makes its own, whose
-    blocks are freed when it returns. Not for use by two threads at once.
+    Owned by the caller: the Distiller keeps one for its run. A :func:`projected_vocab_losses` call
+    given none makes its own (eager kernels), freed after its backward; the materialised losses make
+    one per call, freed when it returns. Not for use by two threads at once.
     """
 
     def __init__(self, compiled: bool = False):

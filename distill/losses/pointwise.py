@@ -16,10 +16,13 @@ Conventions shared by every loss of the package (the Distiller relies on them):
   0/1 tensors of the leading shape. Teacher tensors never receive gradients.
 
 The vocabulary-sized losses (:func:`soft_target_ce`, :func:`lm_ce`, :func:`clm_ce`,
-:func:`logits_mse`) compute their gradient analytically during the forward pass, chunk by
-chunk, and keep only that gradient (in the student's dtype) for backward. The float32
-``(N, V)`` temporaries therefore live for one chunk at a time instead of being saved by
-autograd. They do not support double backward.
+:func:`logits_mse`) run the block kernels of :mod:`.kernels`, which compute the gradient
+analytically during the forward pass; only that gradient is kept for backward, in the student's
+dtype (the size of the logits), instead of float32 ``(N, V)`` intermediates saved by autograd.
+The float32 working copies cover ``chunk_size`` rows at a time when it is given, and all the
+selected rows at once when it is not (the default; the Distiller does not pass one: it uses these
+losses only for heads the fused :func:`~distill.losses.projected_vocab_losses` cannot take, on
+their full ``(B, L, V)`` logits). They do not support double backward.
 """
 
 from __future__ import annotations
@@ -317,13 +320,8 @@ def lm_ce(
     return _vocab_loss(logits, labels, _ce_row_loss, loss_factors("ce"), mask, chunk_size)
 
 
-def clm_ce(
-    logits: Tensor,
-    labels: Tensor,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-    label_mask: Tensor | None = None,
-) -> Tensor:
+def clm_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100, chunk_size: int | None = None,
+           label_mask: Tensor | None = None) -> Tensor:
     """Causal LM cross-entropy, summed: ``logits[:, :-1]`` predict ``labels[:, 1:]``.
 
     Args:
@@ -341,12 +339,7 @@ def clm_ce(
         )
     # Shift the labels rather than slicing logits[:, :-1], which is non-contiguous and
     # would force a copy of the whole (B, L, V) tensor.
-    shifted = torch.full_like(labels, ignore_index)  # (B, L); last position predicts nothing
-    shifted[:, :-1] = labels[:, 1:]
-    shifted_mask = None
-    if label_mask is not None:
-        shifted_mask = torch.zeros_like(label_mask, dtype=torch.bool)
-        shifted_mask[:, :-1] = label_mask[:, 1:]
+    shifted, shifted_mask = shift_labels(labels, label_mask, ignore_index)
     return lm_ce(logits, shifted, ignore_index=ignore_index, chunk_size=chunk_size, label_mask=shifted_mask)
 
 
