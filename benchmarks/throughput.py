@@ -260,13 +260,13 @@ def build_distiller(args, data: Path, device: torch.device) -> tuple[Distiller, 
                         mlm_mask_prop=cfg.mlm_mask_prop, word_mask=cfg.word_mask, word_keep=cfg.word_keep,
                         word_rand=cfg.word_rand, seed=cfg.seed)
     layer_map = L.default_layer_map(PRESETS[args.preset]["student_layers"], PRESETS[args.preset]["teacher_layers"])
-    if args.compile in ("losses", "all"):
-        L.use_compiled_kernels(True)
     if args.compile in ("models", "all"):
         student = torch.compile(student)
         teacher = torch.compile(teacher)
     distiller = Distiller(cfg, student, teacher, dataset, collator, device, student_objective="mlm",
                           layer_map=layer_map)
+    if args.compile in ("losses", "all"):
+        distiller.loss_workspace = L.Workspace(compiled=True)
     if args.adamw != "default":  # same groups and hyper-parameters, another implementation
         opt = distiller.optimizer
         impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}

@@ -88,6 +88,8 @@ class Distiller:
         self.projection = projection.to(device) if projection is not None else None
         # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper.
         self.model = wrap(self.dist, self.student, self.projection)
+        # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
+        self.loss_workspace = L.Workspace()
 
         self.dataset = dataset
         self.collator = collator
@@ -216,7 +218,7 @@ class Distiller:
                 s_out.logits, proj.weight, proj.bias, teacher=t_logits, temperature=self.cfg.temperature,
                 soft_target="ce" in vocab, mse="mse" in vocab, mask=masks["ce"],
                 labels=lm_labels if has_lm else None, label_mask=lm_mask if has_lm else None,
-                compute_dtype=self.amp_dtype)
+                compute_dtype=self.amp_dtype, workspace=self.loss_workspace)
             names = {"ce": "soft_target_ce", "mse": "logits_mse", "mlm": "lm_ce", "clm": "lm_ce"}
             sums = {k: fused[names[k]] for k in vocab}
         elif isinstance(t_logits, L.ProjectedLogits):

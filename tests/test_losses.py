@@ -762,12 +762,16 @@ def test_projected_losses_teacher_minus_inf_bias_is_finite():
 def test_projected_losses_reuse_the_workspace_across_shapes():
     h0, w0, b0, th, tw, tb, labels = _proj_case(8)
     teacher = ProjectedLogits(th, tw, tb)
-    first = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7)
+    ws = Lmod.Workspace()
+    first = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7,
+                                   workspace=ws)
     projected_vocab_losses(h0[:1, :2], w0, b0, teacher=ProjectedLogits(th[:1, :2], tw, tb), soft_target=True,
-                           chunk_size=2)  # a smaller call in between
-    again = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7)
-    Lmod.clear_workspace()
-    fresh = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7)
+                           chunk_size=2, workspace=ws)  # a smaller call in between
+    again = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7,
+                                   workspace=ws)
+    ws.clear()
+    fresh = projected_vocab_losses(h0, w0, b0, teacher=teacher, soft_target=True, labels=labels, chunk_size=7,
+                                   workspace=ws)
     for k in first:
         assert torch.equal(first[k], again[k]) and torch.equal(first[k], fresh[k])
 
@@ -825,14 +829,10 @@ def test_compiled_kernel_matches_eager():
     teacher = ProjectedLogits(th, tw, tb)
     runs = []
     for compiled in (False, True):
-        Lmod.use_compiled_kernels(compiled)
-        try:
-            h, w, b = _params(h0, w0, b0)
-            out = projected_vocab_losses(h, w, b, teacher=teacher, temperature=2.0, soft_target=True, labels=labels,
-                                         chunk_size=3)
-            runs.append((out, torch.autograd.grad(out["soft_target_ce"] + out["lm_ce"], [h, w, b])))
-        finally:
-            Lmod.use_compiled_kernels(False)
+        h, w, b = _params(h0, w0, b0)
+        out = projected_vocab_losses(h, w, b, teacher=teacher, temperature=2.0, soft_target=True, labels=labels,
+                                     chunk_size=3, workspace=Lmod.Workspace(compiled=compiled))
+        runs.append((out, torch.autograd.grad(out["soft_target_ce"] + out["lm_ce"], [h, w, b])))
     (eager, ge), (comp, gc) = runs
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-5, atol=1e-4)
