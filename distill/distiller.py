@@ -23,18 +23,19 @@ import torch
 from torch import nn
 
 from distill import losses as L
+from distill import optim as O
+from distill.checkpoint import CheckpointManager
 from distill.config import LOSS_NAMES, TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import DistEnv, wrap
 from distill.errors import UserError
-from distill import optim as O
-from distill.checkpoint import CheckpointManager
 from distill.memory import fix_mmap_threshold
 from distill.testing import faults
 
 logger = logging.getLogger(__name__)
+
 
 class TrainingDiverged(UserError):
     """Too many consecutive optimizer steps had a NaN or Inf loss."""
@@ -407,7 +408,7 @@ class Distiller:
             "batches_in_epoch": self.batches_in_epoch,
             "bad_steps": self.bad_steps,
             "last_good_step": self.last_good_step,
-            "sampler": {**self.sampler.state_dict(position=self.batches_in_epoch), "epoch": self.epoch},
+            "sampler": self.sampler.state_dict(),  # its checks; epoch and position are the Distiller's
             "window": mine["window"],
             "rng": mine["rng"],
             "ranks": ranks,  # None off the main process, which does not write

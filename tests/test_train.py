@@ -143,7 +143,9 @@ def test_git_log_outside_a_checkout(monkeypatch):
         raise git.InvalidGitRepositoryError("no")
 
     monkeypatch.setattr(git, "Repo", boom)
-    assert train.git_info()["repo_id"] is None
+    from distill.training import git_info
+
+    assert git_info()["repo_id"] is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,6 @@ from distill.training import Run, build_run, git_info, save_final_student, save_
 
 logger = logging.getLogger("distill")
 
-__all__ = ["main", "git_info"]
-
 
 @cli_entry
 def main(argv=None) -> int:
