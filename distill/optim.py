@@ -4,6 +4,7 @@ groups, the linear warm-up-then-decay schedule, and autocast."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -38,3 +39,20 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, tot
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to ``dtype`` on the device's type (CPU autocast supports bf16), a no-op for None."""
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (AVX-512 BF16 or AMX); without them torch emulates
+    bf16, which is many times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(choice: str) -> bool:
+    """``--bf16 auto|on|off``: auto is on with a GPU or a CPU with bf16 instructions, off otherwise."""
+    if choice != "auto":
+        return choice == "on"
+    return torch.cuda.is_available() or cpu_has_bf16()

@@ -39,6 +39,7 @@ from distill.demo import assets
 from distill.demo.stages import Stages, offline_environment, restart_flags
 from distill.errors import UserError, cli_entry
 from distill.fileio import atomic_path, write_atomic
+from distill.optim import use_bf16
 
 
 PROG = "python -m distill.demo"  # argparse would say __main__.py
@@ -84,22 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 autocast for distillation and fine-tuning (auto: when the CPU has bf16 instructions "
                         "or a GPU is used)")
     return p.parse_args(argv)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(choice: str) -> bool:
-    import torch
-
-    if choice != "auto":
-        return choice == "on"
-    return torch.cuda.is_available() or cpu_has_bf16()
 
 
 def _slice_task(src: Path, dest: Path, n_train: int | None, n_dev: int | None) -> Path:
