@@ -33,6 +33,7 @@ setup(
             "distill-extract=distill.cli.extract:main",
             "distill-glue=distill.cli.run_glue:main",
             "distill-compare=distill.cli.compare:main",
+            "distill-early-exit=distill.cli.early_exit:main",
         ],
     },
 )

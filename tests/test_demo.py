@@ -56,8 +56,13 @@ def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
     assert set(sim["cosine"]) == {"student_distilled", "student_extracted"} and sim["sentences"] == 300
     assert all(-1.0 <= v <= 1.0 for v in sim["cosine"].values())
     assert "## Sentence embeddings against the teacher's" in md and "| student_distilled |" in md
-    for png in ("loss_curves.png", "comparison.png"):
+    for png in ("loss_curves.png", "comparison.png", "early_exit.png"):
         assert (report / png).read_bytes()[:8] == PNG
+    # the early-exit stage on the fine-tuned teacher: three recipes swept, timed, the verdict in one line
+    sweep = json.loads((run / "early_exit_quick" / "sweep.json").read_text())
+    assert {p["recipe"] for p in sweep["timed"]} == {"two_stage", "self_distill", "joint"}
+    assert "## Early exit on the fine-tuned teacher" in md and "**At equal speed (batch 32):**" in md
+    assert (run / "early_exit_quick" / "early_exit.safetensors").is_file()
     metrics = [json.loads(x) for x in (run / "student_quick" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [10, 20, 30]
     assert (assets / "kjv.txt").stat().st_size > 4_000_000

@@ -116,6 +116,7 @@ class Outputs:
     quick_task: Path  # the quick demo's slice of the sentiment task
     similarity: Path
     glue: Path  # a fine-tuning run per model
+    early_exit: Path  # the fine-tuned teacher with exit heads, and its threshold sweep
     report: Path
 
     @classmethod
@@ -125,7 +126,7 @@ class Outputs:
                    data_report=run_dir / "data_report.json", student_init=run_dir / f"student_init{s}",
                    student=run_dir / f"student{s}", quick_task=run_dir / "movie_sentiment_quick",
                    similarity=run_dir / f"embedding_similarity{s}.json", glue=run_dir / f"glue{s}",
-                   report=run_dir / f"report{s}")
+                   early_exit=run_dir / f"early_exit{s}", report=run_dir / f"report{s}")
 
 
 def _done(folder: Path, marker: str) -> bool:
@@ -287,6 +288,27 @@ def compare_models(glue: Path, names: list[str], task: Path, report_dir: Path, q
     return rows, True
 
 
+def early_exit(teacher_ft: Path, task: Path, out: Path, budget: Budget, bf16: bool, quick: bool):
+    """Exit heads on the fine-tuned teacher (DeeBERT's stage 2, self-distilled exits, PABEE's joint
+    training), the threshold sweep with measured speed-ups; its sweep.json."""
+    from distill.cli import early_exit as cli
+
+    if _done(out, "sweep.json"):
+        print(f"   reusing {out}")
+        return json.loads((out / "sweep.json").read_text()), False
+    argv = ["--task_name", "sst-2", "--data_dir", str(task), "--model_name_or_path", str(teacher_ft),
+            "--output_dir", str(out), "--overwrite_output_dir", "--do_train", "--skip_first_stage", "--do_sweep",
+            "--do_eval", "--eval_each_highway", "--recipe", "two_stage,self_distill,joint",
+            "--max_seq_length", "64", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+            "--learning_rate", str(budget.finetune_lr[0]), "--num_train_epochs", str(budget.finetune_epochs),
+            "--seed", "42", "--logging_steps", "50", "--timing_examples", "64" if quick else "256",
+            "--timing_repeats", "3" if quick else "5", "--timing_points", "3" if quick else "4", "--disable_tqdm"]
+    if bf16:
+        argv += ["--bf16"]
+    cli.main(argv)
+    return json.loads((out / "sweep.json").read_text()), True
+
+
 def write_demo_report(report_dir: Path, rows: list[dict], metrics: Path, stages: Stages, extra: dict):
     from distill.demo.report import write_report
 
@@ -326,7 +348,9 @@ def main(argv=None) -> int:
                    out.glue / name, budget, bf16)
     rows = stages.run("compare (inference speed measured side by side)", compare_models, out.glue, list(models),
                       task, out.report, args.quick)
-    extra = {"quick": args.quick, "bf16": bf16, "data": data_report, "similarity": similarity,
+    sweep = stages.run("early exit on the fine-tuned teacher (exits trained, thresholds swept and timed)",
+                       early_exit, out.glue / "teacher", task, out.early_exit, budget, bf16, args.quick)
+    extra = {"quick": args.quick, "bf16": bf16, "data": data_report, "similarity": similarity, "early_exit": sweep,
              "distil_command": "python train.py " + " ".join(RECIPE)}
     stages.run("report", write_demo_report, out.report, rows, out.student / "metrics.jsonl", stages, extra)
     stages.print_times()

@@ -9,6 +9,7 @@ from pathlib import Path
 from distill.fileio import atomic_path, write_atomic
 
 LOSS_PNG = "loss_curves.png"
+EARLY_EXIT_PNG = "early_exit.png"
 COMPARISON_PNG = "comparison.png"
 REPORT_MD = "report.md"
 
@@ -74,6 +75,54 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def early_exit_section(sweep: dict, rows: list[dict], png: Path) -> list[str]:
+    """The sweep's timed points, the plot with the teacher and the students on the same axes, and which
+    is better at equal speed: a distilled student or the teacher with exits."""
+    from distill.early_exit.sweep import markdown, plot
+
+    batch = 32 if 32 in sweep["timing_batch_sizes"] else sweep["timing_batch_sizes"][-1]
+    students = [{"name": r["name"], "speedup": r["speedup"], "score": 100 * r["score"]} for r in rows[1:]]
+    with atomic_path(png) as tmp:
+        drawn = plot(sweep, tmp, extra_points=students, batch_size=batch, image_format="png")
+    table = markdown(sweep)
+    timed_part = table[table.index("## Each exit alone"):table.index("## Simulated grid")].replace("## ", "### ")
+    lines = ["## Early exit on the fine-tuned teacher", "",
+             "Exit heads after layers 1-5 of the fine-tuned teacher, trained three ways (DeeBERT's two_stage: exits "
+             "on the labels with the backbone frozen; self_distill: exits on the final classifier's soft targets; "
+             "joint: PABEE's layer-weighted training of model and exits), then every policy's threshold swept on "
+             "the dev set and chosen points timed against the full teacher in one process "
+             "(`early_exit/sweep.md` has the whole grid).", ""]
+    c = sweep.get("chosen")
+    if c:
+        bs = sweep["timing_batch_sizes"]
+        lines += [f"**Chosen** (saved into the model's config): {c['recipe']}, {c['policy']} {c['threshold']:.4g}: "
+                  f"dev {c['score']:.1f} against {sweep['full_score']:.1f} for the full teacher, "
+                  + ", ".join(f"{c[f'speedup_b{b}']:.2f}x at batch {b}" for b in bs) + " (measured).", ""]
+    lines += [verdict(sweep, students, batch), "", timed_part.strip(), ""]
+    if drawn:
+        lines += [f"![early exit]({png.name})", ""]
+    return lines
+
+
+def verdict(sweep: dict, students: list[dict], batch: int) -> str:
+    """One line: at each student's speed, the best early-exit point against the student."""
+    parts = []
+    for st in students:
+        faster = [p for p in sweep["timed"] if p[f"speedup_b{batch}"] >= st["speedup"]]
+        if not faster:
+            best = max(sweep["timed"], key=lambda p: p[f"speedup_b{batch}"], default=None)
+            reach = f"{best[f'speedup_b{batch}']:.2f}x" if best else "no"
+            parts.append(f"{st['name']} ({st['speedup']:.2f}x, {st['score']:.1f}) is faster than any exit point "
+                         f"(at most {reach})")
+            continue
+        best = max(faster, key=lambda p: p["score"])
+        winner = st["name"] if st["score"] > best["score"] else "the teacher with exits"
+        parts.append(f"at {st['name']}'s speed ({st['speedup']:.2f}x, {st['score']:.1f}) the best exit point scores "
+                     f"{best['score']:.1f} ({best['recipe']}, {best['policy']} {best['threshold']:.3g}, "
+                     f"{best[f'speedup_b{batch}']:.2f}x): {winner} is better")
+    return f"**At equal speed (batch {batch}):** " + "; ".join(parts) + "."
+
+
 def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_seconds: dict[str, float],
                  extra: dict) -> Path:
     """report.md (and report.json) with the comparison table, the stage times and the plots."""
@@ -103,6 +152,9 @@ def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_secon
         lines += ["## Distillation", "",
                   f"{last['step']} optimizer steps; loss {first['loss']:.3f} at step {first['step']} -> "
                   f"{last['loss']:.3f} at step {last['step']}.", "", f"![losses]({LOSS_PNG})", ""]
+    sweep = extra.get("early_exit")
+    if sweep:
+        lines += early_exit_section(sweep, rows, folder / EARLY_EXIT_PNG)
     lines += ["## Wall time per stage", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {secs:.1f} |" for name, secs in stage_seconds.items()]
     lines += ["", f"bf16: {extra.get('bf16')}; quick: {extra.get('quick')}.", ""]

@@ -55,11 +55,13 @@ class GlueConfig:
     alpha_ce: float = _f(0.5, "weight of the soft-target loss (with --teacher_name_or_path)")
     alpha_task: float = _f(0.5, "weight of the task's own loss (with --teacher_name_or_path; 1 without one)")
 
+    ACTIONS = ("do_train", "do_eval")  # at least one must be asked for (a class constant, not a field)
+
     def validate(self) -> None:
         """Refuse impossible values with one sentence; canonicalise the task name."""
         self.task_name = get_task(self.task_name).name
-        if not (self.do_train or self.do_eval):
-            raise UserError("nothing to do: pass --do_train and/or --do_eval")
+        if not any(getattr(self, a) for a in self.ACTIONS):
+            raise UserError("nothing to do: pass " + " and/or ".join(f"--{a}" for a in self.ACTIONS))
         for f in fields(self):  # NaN passes every comparison below: refuse it (and infinities) first
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -102,10 +104,12 @@ class GlueConfig:
         return cls(**values)
 
 
-def build_parser(prog: str = "run_glue.py") -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=prog, description="Fine-tune and/or evaluate a model on a GLUE task, optionally "
-                                       "distilling from a fine-tuned teacher.")
-    for f in fields(GlueConfig):
+def build_parser(prog: str = "run_glue.py", config_cls: type = GlueConfig,
+                 description: str = "Fine-tune and/or evaluate a model on a GLUE task, optionally distilling from a "
+                                    "fine-tuned teacher.") -> argparse.ArgumentParser:
+    """One flag per field of ``config_cls`` (a GlueConfig or a subclass), with its help and default."""
+    p = ArgumentParser(prog=prog, description=description)
+    for f in fields(config_cls):
         flag, help_ = f"--{f.name}", f.metadata["help"]
         if isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", help=help_)
@@ -118,9 +122,10 @@ def build_parser(prog: str = "run_glue.py") -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> GlueConfig:
+def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,
+                 config_cls: type = GlueConfig) -> GlueConfig:
     """The validated config from a command line (``sys.argv[1:]`` when None)."""
-    args = build_parser().parse_args(argv)
-    cfg = GlueConfig(**vars(args))
+    args = (parser or build_parser()).parse_args(argv)
+    cfg = config_cls(**vars(args))
     cfg.validate()
     return cfg

@@ -49,11 +49,6 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], token_types
     return model(**inputs).logits
 
 
-def adamw(model: nn.Module, cfg: GlueConfig) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases and LayerNorm weights (the BERT recipe)."""
-    return O.adamw(model.named_parameters(), lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-
-
 def total_steps(n_examples: int, cfg: GlueConfig) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -65,41 +60,56 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
               pad_id: int, teacher: nn.Module | None = None, on_log: Callable[[dict], None] | None = None,
               progress: Callable | None = None) -> dict:
     """Train ``model`` in place on ``feats``; returns a summary (steps, epochs, last logged loss, time)."""
-    n = len(feats)
-    steps = total_steps(n, cfg)
-    per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
-    warmup = int(cfg.warmup_prop * steps)
-    optimizer = adamw(model, cfg)
-    scheduler = O.linear_warmup_decay(optimizer, warmup, steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(cfg.seed)
     s_types = takes_token_types(model)
     t_types = teacher is not None and takes_token_types(teacher)
     alpha_task = cfg.alpha_task if teacher is not None else 1.0
-
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
-    bar = progress(total=steps, desc="training", unit="step") if progress else None
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
+            logits = forward_logits(model, batch, s_types)  # (B, C)
+        if teacher is None:
+            return task_loss(logits, batch["labels"], regression=task.is_regression), {}
+        with torch.inference_mode(), O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
+            t_logits = forward_logits(teacher, batch, t_types)
+        t_logits = t_logits.float().clone()  # a normal tensor: inference tensors cannot enter autograd
+        return task_distillation_loss(logits, t_logits, batch["labels"], temperature=cfg.temperature,
+                                      alpha_ce=cfg.alpha_ce, alpha_task=alpha_task, regression=task.is_regression)
+
+    def batch_of(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = collate(feats, idx, pad_id, token_types=True)  # segment ids kept for whichever model takes them
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    return train_loop(model.named_parameters(), len(feats), batch_of, loss_of, cfg, on_log=on_log, progress=progress)
+
+
+def train_loop(named_parameters, n: int, batch_of: Callable[[np.ndarray], dict], loss_of: Callable[[dict], tuple],
+               cfg: GlueConfig, *, on_log: Callable[[dict], None] | None = None, progress: Callable | None = None,
+               desc: str = "training") -> dict:
+    """The fine-tuning loop over ``n`` examples: shuffle, batch, loss, backward, clip, step.
+
+    ``batch_of(indices)`` gives a batch on the device and ``loss_of(batch)`` its ``(loss, parts)``;
+    only ``named_parameters`` are optimised and clipped. Steps, learning rate, warm-up, clipping,
+    logging and the shuffle's seed come from ``cfg``.
+    """
+    steps = total_steps(n, cfg)
+    per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
+    warmup = int(cfg.warmup_prop * steps)
+    named = [(k, p) for k, p in named_parameters if p.requires_grad]
+    optimizer = O.adamw(named, lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    scheduler = O.linear_warmup_decay(optimizer, warmup, steps)
+    params = [p for _, p in named]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bar = progress(total=steps, desc=desc, unit="step") if progress else None
     step, t0 = 0, time.perf_counter()
-    running = torch.zeros((), device=device)
+    running: torch.Tensor | None = None
     running_parts: dict[str, torch.Tensor] = {}
     n_running, last = 0, {}
     while step < steps:
         for idx in batch_indices(n, cfg.per_device_train_batch_size, shuffle=True, generator=generator):
-            batch = collate(feats, idx, pad_id, token_types=True)  # segment ids kept for whichever model takes them
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
-                logits = forward_logits(model, batch, s_types)  # (B, C)
-            if teacher is not None:
-                with torch.inference_mode(), O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
-                    t_logits = forward_logits(teacher, batch, t_types)
-                t_logits = t_logits.float().clone()  # a normal tensor: inference tensors cannot enter autograd
-                loss, parts = task_distillation_loss(logits, t_logits, batch["labels"], temperature=cfg.temperature,
-                                                     alpha_ce=cfg.alpha_ce, alpha_task=alpha_task,
-                                                     regression=task.is_regression)
-            else:
-                loss, parts = task_loss(logits, batch["labels"], regression=task.is_regression), {}
+            loss, parts = loss_of(batch_of(idx))
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -107,7 +117,7 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            running += loss.detach()
+            running = loss.detach() if running is None else running + loss.detach()
             for k, v in parts.items():
                 running_parts[k] = running_parts.get(k, 0.0) + v
             n_running += 1
@@ -115,11 +125,10 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
                 last = {"step": step, "epoch": round(step / per_epoch, 4), "loss": (running / n_running).item(),
                         **{k: (v / n_running).item() for k, v in running_parts.items()},
                         "lr": scheduler.get_last_lr()[0], "time": round(time.perf_counter() - t0, 3)}
-                running.zero_()
-                running_parts, n_running = {}, 0
+                running, running_parts, n_running = None, {}, 0
                 if not math.isfinite(last["loss"]):
                     raise UserError(f"the training loss became {last['loss']} at step {step}; "
-                                             "lower --learning_rate")
+                                    "lower --learning_rate")
                 if on_log is not None:
                     on_log(last)
                 if bar is not None:
