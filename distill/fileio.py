@@ -55,6 +55,23 @@ def publish_folder(staging: Path, dest: Path) -> None:
         staging.rename(dest)
 
 
+@contextmanager
+def staged_folder(dest: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``dest`` to build it in; on success it is published as ``dest``
+    (:func:`publish_folder`), on any error it is removed and ``dest`` is left as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this very process id
+    staging.mkdir()
+    try:
+        yield staging
+        publish_folder(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_error(e: BaseException, folder: Path | None = None) -> str:
     """A short reason for a failed write: errno's words where there are some, else what the machine
     says (torch.save reports a failed write only as an internal assertion)."""

@@ -81,11 +81,11 @@ def test_a_threshold_that_never_exits_gives_the_models_own_logits(kind):
     assert every.shape == (32, 4, 3)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind,pooling", [(k, "cls") for k in KINDS] + [("bert", "mean"), ("distilbert", "mean")])
 @pytest.mark.parametrize("name", ["entropy", "max_prob", "patience"])
-def test_batched_exits_equal_batch_size_one_and_the_simulation(kind, name):
+def test_batched_exits_equal_batch_size_one_and_the_simulation(kind, pooling, name):
     model = _tiny(kind).eval()
-    ee = EM.new_exits(model, None).eval()
+    ee = EM.new_exits(model, None, pooling=pooling).eval()
     _trained_heads(ee)
     pad = 1 if kind == "roberta" else 0
     ids, mask = _batch(pad=pad)
@@ -172,7 +172,7 @@ def test_stage_two_leaves_the_backbone_bit_for_bit_and_never_runs_it_backward():
     cls = torch.randn(40, 4, 32)
     labels = torch.randint(0, 2, (40,))
     cfg = _cfg()
-    for recipe, targets in (("two_stage", None), ("self_distill", R.final_logits_from_cls(ee, cls))):
+    for recipe, targets in (("two_stage", None), ("self_distill", R.final_logits_from_states(ee, cls))):
         R.train_exits(ee, cls, labels, cfg, torch.device("cpu"), recipe=recipe, regression=False, targets=targets)
         assert all(p.grad is None for p in model.parameters()), "a backbone gradient was computed"
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -188,9 +188,23 @@ def test_self_distill_needs_no_labels():
         torch.manual_seed(3)
         ee = EM.new_exits(model, None)
         R.train_exits(ee, cls, labels, cfg, torch.device("cpu"), recipe="self_distill", regression=False,
-                      targets=R.final_logits_from_cls(ee, cls))
+                      targets=R.final_logits_from_states(ee, cls))
         heads.append({k: v.clone() for k, v in ee.heads.state_dict().items()})
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_mean_pooling_exits_read_the_mean_of_attended_tokens():
+    model = _tiny("bert").eval()
+    ee = EM.new_exits(model, "2", pooling="mean").eval()
+    ids, mask = _batch(4)
+    with torch.no_grad():
+        hs = model.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        states = ee.layer_states(ids, mask)
+    m = mask[:, :, None].float()
+    assert torch.allclose(states[:, 1], (hs[2] * m).sum(1) / m.sum(1), atol=1e-6)
+    assert torch.equal(states[:, -1], hs[-1][:, 0])  # the final classifier still reads [CLS]
+    with pytest.raises(UserError, match="--exit_pooling"):
+        EM.new_exits(model, None, pooling="max")
 
 
 def test_exit_loss_by_hand():
@@ -215,7 +229,7 @@ def test_save_and_reload_restore_exits_policy_and_decisions(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     model = _tiny("distilbert", num_labels=2).eval()
-    ee = EM.new_exits(model, "1,3").eval()
+    ee = EM.new_exits(model, "1,3", pooling="mean").eval()
     _trained_heads(ee)
     ee.settings.policy, ee.settings.threshold, ee.settings.recipe = "max_prob", 0.7, "self_distill"
     ee.save_pretrained(tmp_path)
@@ -223,6 +237,7 @@ def test_save_and_reload_restore_exits_policy_and_decisions(tmp_path):
     out, where = ee.infer(ids, mask)
     back = EM.load_early_exit(tmp_path).eval()
     assert back.settings.exit_layers == [1, 3] and back.policy == ExitPolicy("max_prob", 0.7)
+    assert back.settings.pooling == "mean"
     out2, where2 = back.infer(ids, mask)
     assert torch.equal(where, where2) and torch.equal(out, out2)
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()  # plain transformers
@@ -296,6 +311,7 @@ def test_the_command_trains_sweeps_and_saves_a_loadable_model(trained, world):
         assert ee.settings.recipe == chosen["recipe"]
         assert chosen["drop"] <= 1.0
         assert chosen["real_inference_score"] == pytest.approx(chosen["score"], abs=1e-9)
+        assert set(chosen["confirmed"]) == {"speedup_b1", "speedup_b8", "spread_b1", "spread_b8"}
     plain = AutoModelForSequenceClassification.from_pretrained(trained)
     ids, mask = _batch(8, pad=0)
     with torch.no_grad():

@@ -78,7 +78,7 @@ def _save(fig, path: Path) -> None:
 def early_exit_section(sweep: dict, rows: list[dict], png: Path) -> list[str]:
     """The sweep's timed points, the plot with the teacher and the students on the same axes, and which
     is better at equal speed: a distilled student or the teacher with exits."""
-    from distill.early_exit.sweep import markdown, plot
+    from distill.early_exit.sweep import confirmed, markdown, plot
 
     batch = 32 if 32 in sweep["timing_batch_sizes"] else sweep["timing_batch_sizes"][-1]
     students = [{"name": r["name"], "speedup": r["speedup"], "score": 100 * r["score"]} for r in rows[1:]]
@@ -96,8 +96,9 @@ def early_exit_section(sweep: dict, rows: list[dict], png: Path) -> list[str]:
     if c:
         bs = sweep["timing_batch_sizes"]
         lines += [f"**Chosen** (saved into the model's config): {c['recipe']}, {c['policy']} {c['threshold']:.4g}: "
-                  f"dev {c['score']:.1f} against {sweep['full_score']:.1f} for the full teacher, "
-                  + ", ".join(f"{c[f'speedup_b{b}']:.2f}x at batch {b}" for b in bs) + " (measured).", ""]
+                  f"dev {c['score']:.1f} against {sweep['full_score']:.1f} for the full teacher, mean exit layer "
+                  f"{c['mean_exit_layer']:.2f} of {sweep['num_layers']}; measured again against the full teacher: "
+                  + confirmed(c, bs) + ".", ""]
     lines += [verdict(sweep, students, batch), "", timed_part.strip(), ""]
     if drawn:
         lines += [f"![early exit]({png.name})", ""]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distill.early_exit.model import POOLINGS
 from distill.early_exit.policies import NEVER, POLICIES, ExitPolicy
 from distill.early_exit.recipes import RECIPES
 from distill.errors import UserError
@@ -26,10 +27,15 @@ class EarlyExitConfig(GlueConfig):
                      "targets; joint (PABEE): model and exits together, weighted by layer")
     exit_layers: str | None = _f(None, "comma-separated 1-based layers that get an exit (default: every layer but "
                                        "the last, which keeps the model's own classifier)")
+    exit_pooling: str = _f("cls", "what an exit reads of its layer: cls (DeeBERT: the [CLS] vector) or mean (the mean "
+                                  "over attended tokens, for encoders trained for mean pooling such as sentence "
+                                  "transformers)")
     skip_first_stage: bool = _f(False, "the model is already fine-tuned on the task (a run_glue output): train only "
                                        "the exits")
-    exit_epochs: float = _f(3.0, "epochs of stage 2 (the exits alone, on cached backbone features)")
-    exit_learning_rate: float = _f(1e-3, "AdamW learning rate of stage 2")
+    exit_epochs: float = _f(10.0, "epochs of stage 2 (the exits alone, on cached backbone features: an epoch costs "
+                                  "no backbone pass)")
+    exit_learning_rate: float = _f(3e-3, "AdamW learning rate of the exits: stage 2's, and the exits' in joint "
+                                         "training (where the model learns at --learning_rate)")
     exit_alpha_ce: float = _f(0.0, "self_distill: weight of the labels' loss next to the soft targets (0: no "
                                    "labels needed)")
     exit_policy: str = _f("entropy", f"the exit rule at inference: {', '.join(POLICIES)}")
@@ -68,6 +74,8 @@ class EarlyExitConfig(GlueConfig):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         self.batch_sizes()
+        if self.exit_pooling not in POOLINGS:
+            raise UserError(f"--exit_pooling must be one of {', '.join(POOLINGS)}, got {self.exit_pooling!r}")
         if self.exit_policy not in POLICIES:
             raise UserError(f"--exit_policy must be one of {', '.join(POLICIES)}, got {self.exit_policy!r}")
         if self.early_exit_entropy is not None and self.exit_threshold is not None:

@@ -26,7 +26,8 @@ from distill.errors import UserError, note
 
 HEADS_FILE = "early_exit.safetensors"
 CONFIG_KEY = "early_exit"
-HEAD_KIND = "pooler-dropout-linear"  # DeeBERT's highway: dense + tanh on [CLS], dropout, linear
+HEAD_KIND = "pooler-dropout-linear"  # DeeBERT's highway: dense + tanh, dropout, linear
+POOLINGS = ("cls", "mean")  # what an exit reads of its layer: the [CLS] vector (DeeBERT) or the masked mean
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ExitSettings:
 
     exit_layers: list[int]  # 1-based layers whose output feeds an exit head (the last keeps the model's own)
     head: str = HEAD_KIND
+    pooling: str = "cls"
     dropout: float = 0.1
     policy: str | None = None
     threshold: float | None = None
@@ -49,7 +51,7 @@ class ExitSettings:
 
 
 class ExitHead(nn.Module):
-    """dense + tanh on an exit layer's [CLS] vector, dropout, linear: (B, H) -> (B, C)."""
+    """dense + tanh on an exit layer's pooled vector, dropout, linear: (B, H) -> (B, C)."""
 
     def __init__(self, hidden: int, num_labels: int, dropout: float):
         super().__init__()
@@ -110,27 +112,38 @@ class EarlyExitClassifier(nn.Module):
     def policy(self) -> ExitPolicy | None:
         return self.settings.exit_policy()
 
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What an exit reads of a layer's (B, L, H) output: [CLS] (B, H), or the mean over attended tokens."""
+        if self.settings.pooling == "cls":
+            return hidden[:, 0]
+        m = attention_mask.to(hidden.dtype)[:, :, None]
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
     def _inputs(self, input_ids, attention_mask, token_type_ids):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.runner.family.token_types:
             kwargs["token_type_ids"] = token_type_ids
         return kwargs
 
-    def cls_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """The [CLS] vector after every layer, (B, num_layers, H), from the encoder's own forward."""
+    def layer_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """(B, num_layers, H) from the encoder's own forward: after each exit layer what its exit reads
+        (:meth:`pool`), after the last layer its [CLS] vector (the model's own classifier reads that)."""
         enc = self.runner.encoder
         out = enc(**self._inputs(input_ids, attention_mask, token_type_ids), output_hidden_states=True)
-        return torch.stack([h[:, 0] for h in out.hidden_states[1:]], dim=1)
+        hs = out.hidden_states[1:]
+        exits = set(self.settings.exit_layers)
+        states = [self.pool(h, attention_mask) if i + 1 in exits else h[:, 0] for i, h in enumerate(hs[:-1])]
+        return torch.stack([*states, hs[-1][:, 0]], dim=1)
 
-    def logits_from_cls(self, cls: torch.Tensor) -> torch.Tensor:
+    def logits_from_states(self, states: torch.Tensor) -> torch.Tensor:
         """Every exit's logits and the final classifier's, (B, E + 1, C), from (B, num_layers, H)."""
-        outs = [head(cls[:, layer - 1]) for head, layer in zip(self.heads, self.settings.exit_layers)]
-        outs.append(self.runner.final_logits(cls[:, -1]))
+        outs = [head(states[:, layer - 1]) for head, layer in zip(self.heads, self.settings.exit_layers)]
+        outs.append(self.runner.final_logits(states[:, -1]))
         return torch.stack(outs, dim=1)
 
     def exit_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, E + 1, C): all exits on one full forward (training, and the sweep's single pass)."""
-        return self.logits_from_cls(self.cls_states(input_ids, attention_mask, token_type_ids))
+        return self.logits_from_states(self.layer_states(input_ids, attention_mask, token_type_ids))
 
     @torch.inference_mode()
     def infer(self, input_ids, attention_mask, token_type_ids=None, policy: ExitPolicy | None = None):
@@ -158,7 +171,7 @@ class EarlyExitClassifier(nn.Module):
                 continue
             if policy is None:
                 continue
-            logits = self.heads[e](hidden[:, 0])
+            logits = self.heads[e](self.pool(hidden, mask2d))
             if out is None:
                 out = logits.new_zeros((n, logits.shape[1]))
             stop, state = policy.decide(logits, state)
@@ -216,8 +229,9 @@ def attach_exits(model: nn.Module, folder: str | Path) -> EarlyExitClassifier:
         raise UserError(f"{folder} has no exit heads ({HEADS_FILE} and an {CONFIG_KEY!r} entry in config.json); "
                         "train them with --do_train first")
     settings = ExitSettings(**raw)
-    if settings.head != HEAD_KIND:
-        raise UserError(f"{folder} has exit heads of kind {settings.head!r}, which this version cannot run")
+    if settings.head != HEAD_KIND or settings.pooling not in POOLINGS:
+        raise UserError(f"{folder} has exit heads of kind {settings.head!r} ({settings.pooling!r} pooling), which "
+                        "this version cannot run")
     ee = EarlyExitClassifier(model, settings, init_from_pooler=False)
     state = load_file(str(folder / HEADS_FILE))
     missing, unexpected = ee.heads.load_state_dict(state, strict=False)
@@ -238,8 +252,11 @@ def load_early_exit(folder: str | Path, **kwargs) -> EarlyExitClassifier:
     return attach_exits(model, folder)
 
 
-def new_exits(model: nn.Module, exit_layers: str | list[int] | None, dropout: float | None = None) -> EarlyExitClassifier:
+def new_exits(model: nn.Module, exit_layers: str | list[int] | None, dropout: float | None = None,
+              pooling: str = "cls") -> EarlyExitClassifier:
     """Fresh exit heads on ``model`` (the caller seeds); says in one line when there is no pooler to copy."""
+    if pooling not in POOLINGS:
+        raise UserError(f"--exit_pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     runner = LayerRunner(model)
     layers = parse_exit_layers(exit_layers, runner.num_layers)
     if dropout is None:
@@ -247,4 +264,4 @@ def new_exits(model: nn.Module, exit_layers: str | list[int] | None, dropout: fl
     if runner.pooler() is None:
         note(f"{type(model).__name__} has no pooler to initialise the exits' dense layer from; "
              "the exits start with a new one")
-    return EarlyExitClassifier(model, ExitSettings(exit_layers=layers, dropout=dropout))
+    return EarlyExitClassifier(model, ExitSettings(exit_layers=layers, dropout=dropout, pooling=pooling))

@@ -9,8 +9,8 @@
   labels, exit ``e`` weighted by its layer number.
 
 Stage 2 never runs the backbone backward. The backbone is frozen and in eval mode, so each
-training example's [CLS] vectors after every layer are computed once, in one inference pass,
-and the exits train on those (B, layers, H) features for as many epochs as asked. An epoch of
+training example's layer outputs, as the exits read them, are computed once, in one inference pass,
+and the exits train on those (N, layers, H) features for as many epochs as asked. An epoch of
 stage 2 costs a fraction of an epoch of stage 1; its first pass is one forward over the data.
 """
 
@@ -35,9 +35,9 @@ STAGE2_RECIPES = ("two_stage", "self_distill")
 
 
 @torch.inference_mode()
-def cls_features(ee: EarlyExitClassifier, feats: Features, *, batch_size: int, device: torch.device, pad_id: int,
-                 bf16: bool = False, progress: Callable | None = None) -> torch.Tensor:
-    """(N, layers, H) float32: every layer's [CLS] vector for every example, the backbone in eval mode."""
+def layer_features(ee: EarlyExitClassifier, feats: Features, *, batch_size: int, device: torch.device, pad_id: int,
+                   bf16: bool = False, progress: Callable | None = None) -> torch.Tensor:
+    """(N, layers, H) float32 :meth:`~EarlyExitClassifier.layer_states` of every example, backbone in eval mode."""
     ee.to(device).eval()
     types = takes_token_types(ee.model)
     out = []
@@ -45,7 +45,7 @@ def cls_features(ee: EarlyExitClassifier, feats: Features, *, batch_size: int, d
     for idx in batch_indices(len(feats), batch_size):
         b = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
         with O.autocast(device, torch.bfloat16 if bf16 else None):
-            out.append(ee.cls_states(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float())
+            out.append(ee.layer_states(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float())
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
@@ -68,11 +68,11 @@ def teacher_logits(teacher: torch.nn.Module, feats: Features, *, batch_size: int
 
 
 @torch.inference_mode()
-def final_logits_from_cls(ee: EarlyExitClassifier, cls: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The model's own classifier (eval mode) on cached last-layer [CLS] vectors: (N, C)."""
+def final_logits_from_states(ee: EarlyExitClassifier, states: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's own classifier (eval mode) on cached :func:`layer_features` (N, layers, H): (N, C)."""
     ee.eval()
-    return torch.cat([ee.runner.final_logits(cls[i:i + batch_size, -1]).float()
-                      for i in range(0, len(cls), batch_size)])
+    return torch.cat([ee.runner.final_logits(states[i:i + batch_size, -1]).float()
+                      for i in range(0, len(states), batch_size)])
 
 
 def exit_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None, *, regression: bool,
@@ -99,10 +99,10 @@ def exit_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor 
     return total, {f"loss_exit{e}": v.detach() for e, v in enumerate(per_exit)}
 
 
-def train_exits(ee: EarlyExitClassifier, cls: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device, *,
+def train_exits(ee: EarlyExitClassifier, states: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device, *,
                 recipe: str, regression: bool, targets: torch.Tensor | None = None,
                 on_log: Callable[[dict], None] | None = None, progress: Callable | None = None) -> dict:
-    """Stage 2: only the exit heads learn, on cached [CLS] features (N, layers, H); the backbone is frozen.
+    """Stage 2: only the exit heads learn, on cached :func:`layer_features` (N, layers, H); the backbone is frozen.
 
     ``recipe`` two_stage: the labels; self_distill: ``targets`` (N, C), softened by ``cfg.temperature``,
     plus ``cfg.exit_alpha_ce`` of the labels' loss. Returns the loop's summary.
@@ -118,19 +118,19 @@ def train_exits(ee: EarlyExitClassifier, cls: torch.Tensor, labels: torch.Tensor
 
     def batch_of(idx: np.ndarray) -> dict:
         i = torch.from_numpy(idx).to(device)
-        b = {"cls": cls[i][:, layers].to(device), "labels": labels[i]}  # (B, E, H)
+        b = {"states": states[i][:, layers].to(device), "labels": labels[i]}  # (B, E, H)
         if soft is not None:
             b["targets"] = soft[i]
         return b
 
     def loss_of(b: dict):
-        logits = torch.stack([head(b["cls"][:, e]) for e, head in enumerate(ee.heads)], dim=1)  # (B, E, C)
+        logits = torch.stack([head(b["states"][:, e]) for e, head in enumerate(ee.heads)], dim=1)  # (B, E, C)
         return exit_loss(logits, b["labels"], b.get("targets"), regression=regression, temperature=cfg.temperature,
                          alpha_ce=cfg.exit_alpha_ce)
 
     hyper = dataclasses.replace(cfg, learning_rate=cfg.exit_learning_rate, num_train_epochs=cfg.exit_epochs,
                                 max_steps=-1)
-    summary = train_loop(ee.heads.named_parameters(), len(cls), batch_of, loss_of, hyper, on_log=on_log,
+    summary = train_loop(ee.heads.named_parameters(), len(states), batch_of, loss_of, hyper, on_log=on_log,
                          progress=progress, desc=f"stage 2 ({recipe})")
     for p in ee.model.parameters():
         p.requires_grad_(True)
@@ -139,7 +139,8 @@ def train_exits(ee: EarlyExitClassifier, cls: torch.Tensor, labels: torch.Tensor
 
 def train_joint(ee: EarlyExitClassifier, feats: Features, task: Task, cfg, device: torch.device, *, pad_id: int,
                 on_log: Callable[[dict], None] | None = None, progress: Callable | None = None) -> dict:
-    """PABEE: backbone, exits and final classifier in one stage, exit at layer l weighted l."""
+    """PABEE: backbone, exits and final classifier in one stage, exit at layer l weighted l. The model
+    learns at ``cfg.learning_rate``, the new exits at ``cfg.exit_learning_rate``."""
     ee.to(device).train()
     types = takes_token_types(ee.model)
     weights = [float(layer) for layer in ee.exit_layers]
@@ -153,5 +154,6 @@ def train_joint(ee: EarlyExitClassifier, feats: Features, task: Task, cfg, devic
         return exit_loss(logits.float(), b["labels"], None, regression=task.is_regression, temperature=1.0,
                          alpha_ce=0.0, weights=weights)
 
-    return train_loop(ee.named_parameters(), len(feats), batch_of, loss_of, cfg, on_log=on_log, progress=progress,
-                      desc="joint training")
+    heads = [(f"heads.{k}", p) for k, p in ee.heads.named_parameters()]
+    return train_loop(ee.model.named_parameters(), len(feats), batch_of, loss_of, cfg, on_log=on_log,
+                      progress=progress, desc="joint training", extra_groups=[(heads, cfg.exit_learning_rate)])

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +25,7 @@ import torch
 from distill import models as M
 from distill.data.binarize import vocab_fingerprint
 from distill.errors import UserError, note
-from distill.fileio import is_within, publish_folder, write_atomic
+from distill.fileio import is_within, staged_folder, write_atomic
 from distill.hf import has_tokenizer, quiet_transformers
 from distill.glue.config import GlueConfig
 from distill.glue.features import load_features
@@ -209,11 +207,7 @@ def run_glue(cfg: GlueConfig | dict | argparse.Namespace, *, log: Callable[[str]
         log(f"{task.name} score {results['score']:.4f}; results in {out / RESULTS_JSON}")
         return results
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this very process id
-    staging.mkdir()
-    try:
+    with staged_folder(out) as staging:
         def on_log(record: dict) -> None:
             with open(staging / TRAIN_LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -233,10 +227,6 @@ def run_glue(cfg: GlueConfig | dict | argparse.Namespace, *, log: Callable[[str]
                  "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_atomic(staging / ARGS_FILE, json.dumps(saved, indent=2) + "\n")
-        publish_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"saved the fine-tuned model to {out}"
         + (f"; {task.name} score {results['score']:.4f}" if results else ""))
     return {**results, "train": summary}

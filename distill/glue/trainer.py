@@ -87,20 +87,26 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
 
 def train_loop(named_parameters, n: int, batch_of: Callable[[np.ndarray], dict], loss_of: Callable[[dict], tuple],
                cfg: GlueConfig, *, on_log: Callable[[dict], None] | None = None, progress: Callable | None = None,
-               desc: str = "training") -> dict:
+               desc: str = "training", extra_groups: list[tuple[list, float]] = ()) -> dict:
     """The fine-tuning loop over ``n`` examples: shuffle, batch, loss, backward, clip, step.
 
     ``batch_of(indices)`` gives a batch on the device and ``loss_of(batch)`` its ``(loss, parts)``;
-    only ``named_parameters`` are optimised and clipped. Steps, learning rate, warm-up, clipping,
-    logging and the shuffle's seed come from ``cfg``.
+    only ``named_parameters`` (at ``cfg.learning_rate``) and each ``(named parameters, learning rate)``
+    of ``extra_groups`` are optimised and clipped. Steps, warm-up, clipping, logging and the shuffle's
+    seed come from ``cfg``.
     """
     steps = total_steps(n, cfg)
     per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
     warmup = int(cfg.warmup_prop * steps)
     named = [(k, p) for k, p in named_parameters if p.requires_grad]
     optimizer = O.adamw(named, lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    scheduler = O.linear_warmup_decay(optimizer, warmup, steps)
     params = [p for _, p in named]
+    for group, lr in extra_groups:
+        extra = O.adamw(group, lr=lr, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        for g in extra.param_groups:
+            optimizer.add_param_group({k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")})
+            params += g["params"]
+    scheduler = O.linear_warmup_decay(optimizer, warmup, steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     bar = progress(total=steps, desc=desc, unit="step") if progress else None
     step, t0 = 0, time.perf_counter()
