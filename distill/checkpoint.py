@@ -14,6 +14,7 @@ copied: its identity (path, weight file sizes, config hash) is recorded and chec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -190,10 +191,14 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     def norm(k, v):
         return str(Path(v).resolve()) if k in PATHS and v is not None else v
 
+    from distill.config import TrainConfig
+
+    # A field newer than the checkpoint was at its default when that run trained.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for k in sorted(set(saved) | set(current)):
         if k in ("resume", "force"):  # how this run was started, not what it trains
             continue
-        if norm(k, saved.get(k)) != norm(k, current.get(k)):
+        if norm(k, saved.get(k, defaults.get(k))) != norm(k, current.get(k, defaults.get(k))):
             (harmless if k in HARMLESS else bad).append(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}")
     return harmless, bad
 

@@ -41,6 +41,13 @@ class TrainConfig:
     teacher_name: str = _f(None, "teacher: a local model folder or a .gguf file (required)")
     # -- losses ----------------------------------------------------------------------------------
     temperature: float = _f(2.0, "softmax temperature of the soft-target loss")
+    divergence: str = _f("kl", "the soft-target loss's divergence between teacher and student: kl (forward, as "
+                               "DistilBERT), reverse_kl, jsd, tvd or skew_kl (added here)",
+                         choices=["kl", "reverse_kl", "jsd", "tvd", "skew_kl"])
+    divergence_beta: float = _f(0.5, "jsd's beta, in (0, 1): beta KL(teacher || m) + (1 - beta) KL(student || m), "
+                                     "m = beta teacher + (1 - beta) student (added here)")
+    divergence_alpha: float = _f(0.1, "skew_kl's alpha, in [0, 1): KL(teacher || alpha teacher + (1 - alpha) "
+                                      "student) (added here)")
     alpha_ce: float = _f(0.5, "weight of the soft-target (KL) loss on logits")
     alpha_mlm: float = _f(0.0, "weight of the MLM loss (with --mlm)")
     alpha_clm: float = _f(0.5, "weight of the causal LM loss (without --mlm)")
@@ -117,6 +124,10 @@ class TrainConfig:
                             "--alpha_clm, --alpha_mse, --alpha_cos")
         if self.temperature <= 0:
             raise UserError("--temperature must be positive")
+        try:
+            self.soft_divergence()
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.mlm:
             if abs(self.word_mask + self.word_keep + self.word_rand - 1.0) > 1e-6:
                 raise UserError("--word_mask + --word_keep + --word_rand must add up to 1")
@@ -152,6 +163,12 @@ class TrainConfig:
         mlm = self.mlm if mlm is None else mlm
         return {"ce": self.alpha_ce, "mlm": self.alpha_mlm if mlm else 0.0, "clm": 0.0 if mlm else self.alpha_clm,
                 "mse": self.alpha_mse, "cos": self.alpha_cos, "hidden_mse": self.alpha_hidden_mse}
+
+    def soft_divergence(self):
+        """The soft-target loss's :class:`~distill.losses.divergences.Divergence`, checked."""
+        from distill.losses.divergences import Divergence
+
+        return Divergence(self.divergence, self.divergence_beta, self.divergence_alpha).check()
 
     def objective_alphas_sum(self) -> float:
         return sum(self.loss_weights().values())

@@ -91,6 +91,7 @@ class Distiller:
         self.model = wrap(self.dist, self.student, self.projection)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
         self.loss_workspace = L.Workspace()
+        self.divergence = cfg.soft_divergence()  # of the soft-target loss
 
         self.dataset = dataset
         self.collator = collator
@@ -219,7 +220,7 @@ class Distiller:
                 s_out.logits, proj.weight, proj.bias, teacher=t_logits, temperature=self.cfg.temperature,
                 soft_target="ce" in vocab, mse="mse" in vocab, mask=masks["ce"],
                 labels=lm_labels if has_lm else None, label_mask=lm_mask if has_lm else None,
-                compute_dtype=self.amp_dtype, workspace=self.loss_workspace)
+                compute_dtype=self.amp_dtype, workspace=self.loss_workspace, divergence=self.divergence)
             names = {"ce": "soft_target_ce", "mse": "logits_mse", "mlm": "lm_ce", "clm": "lm_ce"}
             sums = {k: fused[names[k]] for k in vocab}
         elif isinstance(t_logits, L.ProjectedLogits):
@@ -229,7 +230,8 @@ class Distiller:
             if name in sums:
                 continue
             if name == "ce":
-                sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"])
+                sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"],
+                                              divergence=self.divergence)
             elif name == "mse":
                 sums[name] = L.logits_mse(s_logits, t_logits, mask=masks["ce"])
             elif name == "mlm":

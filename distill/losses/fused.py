@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill.losses.kernels import Workspace, ce_rows, floored_copy, kl_rows, loss_factors, mse_rows
+from distill.losses.divergences import FORWARD_KL, Divergence, divergence_rows
+from distill.losses.kernels import Workspace, ce_rows, floored_copy, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
 
 # Rows per chunk on the CPU, by compute dtype: enough for the chunk's (chunk, H) x (H, V) matmul to run
@@ -105,6 +106,7 @@ class _Plan:
     need_w: bool
     need_b: bool
     workspace: Workspace  # scratch blocks and kernel choice
+    divergence: Divergence = FORWARD_KL  # the soft-target kernel's divergence
 
     @property
     def need_grad(self) -> bool:
@@ -260,7 +262,7 @@ class _ForwardPass:
         if term.kind == "kl":
             if p.scale != p.inv_t:  # 1/T not folded into the matmuls (mse needs raw logits)
                 sb, tb = sb.float().mul_(p.inv_t), tb.float().mul_(p.inv_t)
-            done = kl_rows(sb, tb, g_out, p.workspace, p.need_b)
+            done = divergence_rows(p.divergence, sb, tb, g_out, p.workspace, p.need_b)
         else:
             done = mse_rows(sb, tb, g_out, p.need_b)
         if p.need_grad and labelled and sel is not None:
@@ -434,7 +436,7 @@ def _chunk_rows(chunk_size: int | None, device: torch.device, cdt: torch.dtype, 
 def _make_plan(hidden: Tensor, kinds: list[str], rows: list[Tensor | None], index_cpu: Tensor | None,
                k_ce: int, labels: Tensor | None, *, teacher, temperature: float, scale: float,
                compute_dtype: torch.dtype, chunk: int, need: tuple[bool, bool, bool],
-               workspace: Workspace) -> _Plan:
+               workspace: Workspace, divergence: Divergence = FORWARD_KL) -> _Plan:
     """The :class:`_Plan` of one call, from the rows :func:`_ordered_rows` chose."""
     n = hidden.numel() // hidden.shape[-1]
     index = None if index_cpu is None else index_cpu.to(hidden.device, non_blocking=True)
@@ -455,7 +457,7 @@ def _make_plan(hidden: Tensor, kinds: list[str], rows: list[Tensor | None], inde
         # Gradient rows go through the projection a group at a time: every chunk in fp32 (the weight
         # gradient accumulates in place), several in 16 bits (each group adds a (V, H) partial).
         group=chunk if compute_dtype == torch.float32 else chunk * _GROUP_CHUNKS,
-        need_x=need[0], need_w=need[1], need_b=need[2], workspace=workspace)
+        need_x=need[0], need_w=need[1], need_b=need[2], workspace=workspace, divergence=divergence)
 
 
 def projected_vocab_losses(
@@ -474,6 +476,7 @@ def projected_vocab_losses(
     compute_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     workspace: Workspace | None = None,
+    divergence: Divergence | None = None,
 ) -> dict[str, Tensor]:
     """The vocabulary losses of the logits ``hidden @ weight.T + bias``, never materialising them.
 
@@ -483,7 +486,8 @@ def projected_vocab_losses(
     tensor is one, made by the caller). Only the rows some loss covers are projected. Each returned
     sum equals the unfused function on the materialised logits:
 
-    * ``"soft_target_ce"`` (``soft_target=True``, needs ``teacher``): :func:`soft_target_ce` over ``mask``.
+    * ``"soft_target_ce"`` (``soft_target=True``, needs ``teacher``): :func:`soft_target_ce` over ``mask``,
+      with ``divergence`` (forward KL when None).
     * ``"logits_mse"`` (``mse=True``, needs ``teacher``): :func:`logits_mse` over ``mask``.
     * ``"lm_ce"`` (``labels`` given): :func:`lm_ce` (shift the labels first for causal LM: :func:`shift_labels`).
 
@@ -527,7 +531,8 @@ def projected_vocab_losses(
         compute_dtype=cdt, chunk=_chunk_rows(chunk_size, dev, cdt, weight.shape[0]),
         need=(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
               grad_on and bias is not None and bias.requires_grad),
-        workspace=workspace if workspace is not None else Workspace())
+        workspace=workspace if workspace is not None else Workspace(),
+        divergence=(divergence or FORWARD_KL).check())
     device_type = dev.type if dev.type in ("cpu", "cuda") else "cpu"
     with torch.autocast(device_type=device_type, enabled=False):  # the dtypes here are explicit
         sums = _ProjectedVocabLosses.apply(hidden, weight, bias, plan)

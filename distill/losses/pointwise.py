@@ -33,7 +33,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from distill.losses.kernels import Workspace, ce_rows, floored_copy, kl_rows, loss_factors, mse_rows
+from distill.losses.divergences import FORWARD_KL, Divergence, divergence_rows
+from distill.losses.kernels import Workspace, ce_rows, floored_copy, loss_factors, mse_rows
 
 # Below this selected fraction a mask is applied by gathering the selected rows; above it,
 # every row is computed and the unselected ones are zeroed (cheaper than copying most rows).
@@ -229,12 +230,12 @@ def _vocab_loss(
     return _AnalyticGradLoss.apply(student, target.detach(), row_loss, factors, rows, chunk_size, need_grad)
 
 
-def _kl_row_loss(temperature: float) -> _RowLoss:
+def _soft_row_loss(temperature: float, divergence: Divergence) -> _RowLoss:
     inv_t = 1.0 / temperature
 
     def row_loss(s: Tensor, t: Tensor, g_out: Tensor | None, workspace: Workspace) -> Tensor:
         # Floored: the kernel needs finite logits (a -inf teacher logit is vocabulary padding).
-        return kl_rows(floored_copy(s, inv_t), floored_copy(t, inv_t), g_out, workspace)[0]
+        return divergence_rows(divergence, floored_copy(s, inv_t), floored_copy(t, inv_t), g_out, workspace)[0]
 
     return row_loss
 
@@ -264,12 +265,14 @@ def soft_target_ce(
     temperature: float,
     mask: Tensor | None = None,
     chunk_size: int | None = None,
+    divergence: Divergence | None = None,
 ) -> Tensor:
     """Temperature-scaled distillation loss, summed over the selected positions.
 
     Returns ``T**2 * sum_positions KL(p_t || p_s)`` with ``p = softmax(logits / T)``: the
     DistilBERT soft-target loss (``KLDivLoss(reduction="batchmean") * T**2``) before its
-    division by the number of positions.
+    division by the number of positions. With ``divergence``, ``T**2 * sum D(p_t, p_s)`` for
+    that divergence instead (:mod:`distill.losses.divergences`).
 
     Args:
         student_logits: (B, L, V) or (N, V), any float dtype.
@@ -285,7 +288,8 @@ def soft_target_ce(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
     _check_pair(student_logits, teacher_logits, "logits")
-    return _vocab_loss(student_logits, teacher_logits, _kl_row_loss(float(temperature)),
+    return _vocab_loss(student_logits, teacher_logits,
+                       _soft_row_loss(float(temperature), (divergence or FORWARD_KL).check()),
                        loss_factors("kl", temperature), mask, chunk_size)
 
 
