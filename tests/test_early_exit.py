@@ -235,7 +235,7 @@ def test_save_and_reload_restore_exits_policy_and_decisions(tmp_path):
     ee.save_pretrained(tmp_path)
     ids, mask = _batch()
     out, where = ee.infer(ids, mask)
-    back = EM.load_early_exit(tmp_path).eval()
+    back = EM.EarlyExitClassifier.from_pretrained(tmp_path).eval()
     assert back.settings.exit_layers == [1, 3] and back.policy == ExitPolicy("max_prob", 0.7)
     assert back.settings.pooling == "mean"
     out2, where2 = back.infer(ids, mask)

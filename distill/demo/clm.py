@@ -276,8 +276,9 @@ def extract_student(teacher_dir: Path, student_init: Path):
     return None, True
 
 
-def distil(recipe: Recipe, data: Path, teacher_dir: Path, student_init: Path, dump: Path, bf16: bool):
-    """ce + clm + cos; an interrupted run resumes from its last checkpoint."""
+def distil(recipe: Recipe, data: Path, teacher_dir: Path, student_init: Path, dump: Path, bf16: bool,
+           extra: tuple[str, ...] = ()):
+    """ce + clm + cos (``extra``: more train.py flags); an interrupted run resumes from its last checkpoint."""
     if (dump / "model.safetensors").is_file():  # train.py writes it last, on completion
         print(f"   reusing {dump}")
         return None, False
@@ -298,6 +299,7 @@ def distil(recipe: Recipe, data: Path, teacher_dir: Path, student_init: Path, du
             "--n_gpu", "1" if torch.cuda.is_available() else "0"]
     if bf16:
         argv.append("--bf16")
+    argv += list(extra)
     restart = restart_flags(dump)
     argv += restart
     if "--resume" in restart:

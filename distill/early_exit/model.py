@@ -194,6 +194,11 @@ class EarlyExitClassifier(nn.Module):
 
     # ---- files ---------------------------------------------------------------------------------
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> "EarlyExitClassifier":
+        """A saved early-exit folder: the classifier, its exits, policy and threshold (:func:`load_early_exit`)."""
+        return load_early_exit(folder, **kwargs)
+
     def save_pretrained(self, folder: str | Path) -> None:
         """The classifier as transformers writes it (config.json with the ``early_exit`` entry) plus the heads."""
         from safetensors.torch import save_file
