@@ -132,6 +132,20 @@ def test_two_runs_give_the_same_student_optimizer_and_metrics(readme, straight, 
         assert metrics_without_timing(other) != metrics_without_timing(straight[kind])
 
 
+def test_a_divergence_run_is_reproducible_resumes_exactly_and_differs_from_kl(readme, straight, tmp_path):
+    """The README's CLM path with --divergence jsd: two runs, and a kill after step 6 then --resume, give the
+    same student; it is not forward KL's."""
+    _, paths = readme
+    flags = ("--divergence", "jsd", "--divergence_beta", "0.3")
+    a, b = tmp_path / "a", tmp_path / "b"
+    ok(launch(train_args(paths, "clm", a, *flags)))
+    r = launch(train_args(paths, "clm", b, *flags), fault="after_step_6")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ok(launch(train_args(paths, "clm", b, *flags, "--resume")))
+    assert_same_student(a, b)
+    assert metrics_without_timing(a) != metrics_without_timing(straight["clm"])
+
+
 @pytest.mark.parametrize("kind", ["mlm", "clm"])
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_student(readme, straight, tmp_path, kind):
     _, paths = readme
