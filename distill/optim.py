@@ -17,12 +17,18 @@ def decays(name: str, p: nn.Parameter) -> bool:
 
 
 def adamw(named: Iterable[tuple[str, nn.Parameter]], *, lr: float, eps: float, weight_decay: float,
-          betas: tuple[float, float] = (0.9, 0.999), fused: bool = False) -> torch.optim.AdamW:
-    """AdamW over the trainable ``(name, parameter)`` pairs, in two groups: with and without decay."""
-    named = [(n, p) for n, p in named if p.requires_grad]
-    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas, fused=fused)
+          betas: tuple[float, float] = (0.9, 0.999), fused: bool = False,
+          extra: Iterable[tuple[Iterable[tuple[str, nn.Parameter]], float]] = ()) -> torch.optim.AdamW:
+    """AdamW over the trainable ``(name, parameter)`` pairs, in two groups: with and without decay.
+    Each ``(named parameters, learning rate)`` of ``extra`` adds its own two groups at its own rate."""
+
+    def groups(pairs, rate: float) -> list[dict]:
+        pairs = [(n, p) for n, p in pairs if p.requires_grad]
+        return [{"params": [p for n, p in pairs if decays(n, p)], "weight_decay": weight_decay, "lr": rate},
+                {"params": [p for n, p in pairs if not decays(n, p)], "weight_decay": 0.0, "lr": rate}]
+
+    all_groups = groups(named, lr) + [g for pairs, rate in extra for g in groups(pairs, rate)]
+    return torch.optim.AdamW(all_groups, lr=lr, eps=eps, betas=betas, fused=fused)
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

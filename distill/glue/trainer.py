@@ -99,13 +99,10 @@ def train_loop(named_parameters, n: int, batch_of: Callable[[np.ndarray], dict],
     per_epoch = math.ceil(n / cfg.per_device_train_batch_size)
     warmup = int(cfg.warmup_prop * steps)
     named = [(k, p) for k, p in named_parameters if p.requires_grad]
-    optimizer = O.adamw(named, lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    params = [p for _, p in named]
-    for group, lr in extra_groups:
-        extra = O.adamw(group, lr=lr, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        for g in extra.param_groups:
-            optimizer.add_param_group({k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")})
-            params += g["params"]
+    extra = [([(k, p) for k, p in group if p.requires_grad], lr) for group, lr in extra_groups]
+    optimizer = O.adamw(named, lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                        extra=extra)
+    params = [p for _, p in named] + [p for group, _ in extra for _, p in group]  # clipped in model order
     scheduler = O.linear_warmup_decay(optimizer, warmup, steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     bar = progress(total=steps, desc=desc, unit="step") if progress else None
