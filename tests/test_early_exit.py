@@ -448,3 +448,20 @@ def test_the_whole_command_on_a_slice_of_the_demo_task(real_bert_dir, tmp_path):
     assert ee.settings.exit_layers == [1, 2, 3, 4, 5]
     if sweep["chosen"] is not None:
         assert ee.policy.name == sweep["chosen"]["policy"]
+
+
+def test_self_distill_from_an_external_teacher(world, trained, tmp_path):
+    """--teacher_name_or_path gives stage 2 another model's soft targets: other exits than self-distillation."""
+    from distill.cli.early_exit import main
+
+    outs = {}
+    for name, extra in (("self", ()), ("teacher", ("--teacher_name_or_path", str(trained)))):
+        outs[name] = tmp_path / name
+        assert main(_args(world, outs[name], "--do_train", "--recipe", "self_distill", "--num_train_epochs", "1",
+                          *extra)) == 0
+    a = EM.load_early_exit(outs["self"]).heads.state_dict()
+    b = EM.load_early_exit(outs["teacher"]).heads.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    # the backbone and final classifier come from the same stage 1 either way
+    ma, mb = EM.load_early_exit(outs["self"]).model.state_dict(), EM.load_early_exit(outs["teacher"]).model.state_dict()
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
