@@ -107,7 +107,8 @@ def train_exits(ee: EarlyExitClassifier, states: torch.Tensor, labels: torch.Ten
     ``recipe`` two_stage: the labels; self_distill: ``targets`` (N, C), softened by ``cfg.temperature``,
     plus ``cfg.exit_alpha_ce`` of the labels' loss. Returns the loop's summary.
     """
-    for p in ee.model.parameters():
+    trainable = [p for p in ee.model.parameters() if p.requires_grad]
+    for p in trainable:
         p.requires_grad_(False)
     ee.to(device)
     ee.model.eval()
@@ -130,11 +131,12 @@ def train_exits(ee: EarlyExitClassifier, states: torch.Tensor, labels: torch.Ten
 
     hyper = dataclasses.replace(cfg, learning_rate=cfg.exit_learning_rate, num_train_epochs=cfg.exit_epochs,
                                 max_steps=-1)
-    summary = train_loop(ee.heads.named_parameters(), len(states), batch_of, loss_of, hyper, on_log=on_log,
-                         progress=progress, desc=f"stage 2 ({recipe})")
-    for p in ee.model.parameters():
-        p.requires_grad_(True)
-    return summary
+    try:
+        return train_loop(ee.heads.named_parameters(), len(states), batch_of, loss_of, hyper, on_log=on_log,
+                          progress=progress, desc=f"stage 2 ({recipe})")
+    finally:  # the model is handed back as it came
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def train_joint(ee: EarlyExitClassifier, feats: Features, task: Task, cfg, device: torch.device, *, pad_id: int,
