@@ -62,7 +62,8 @@ def simulate_point(task: Task, policy: ExitPolicy, logits: torch.Tensor, labels:
     run = torch.tensor(layers, dtype=torch.float64)[where]
     mean_layers = float(run.mean()) if len(run) else float(layers[-1])
     s = score(task, chosen, labels)
-    return {"policy": policy.name, "threshold": policy.threshold, "score": s, "drop": full_score - s,
+    return {"policy": policy.name, "threshold": policy.threshold, "tolerance": policy.tolerance, "score": s,
+            "drop": full_score - s,
             "mean_exit_layer": mean_layers, "layer_speedup": layers[-1] / mean_layers,
             "exited_early": float((where < len(layers) - 1).float().mean())}
 
@@ -127,8 +128,8 @@ def time_points(models: dict[str, EarlyExitClassifier], reference: str, points: 
     """Measured seconds per pass and speed-up over the full model for each point, at each batch size.
 
     ``points`` carry ``recipe``, ``policy`` and ``threshold``; ``models`` maps a recipe to its model.
-    The full model is the ``reference`` recipe's Hugging Face classifier, its own forward (no exits). Every round times the
-    full model and each point once, in a rotating order; the median of the rounds is kept.
+    The full model is the ``reference`` recipe's Hugging Face classifier, its own forward (no exits).
+    Every round times the full model and each point once, in a rotating order; the median is kept.
     """
     any_model = models[reference]
     types = takes_token_types(any_model.model)
@@ -147,7 +148,7 @@ def time_points(models: dict[str, EarlyExitClassifier], reference: str, points: 
             any_model.model(**kwargs)
 
     def run_point(p: dict, ts: TimingSet):
-        ee, pol = models[p["recipe"]], ExitPolicy(p["policy"], p["threshold"], p.get("tolerance", 0.1))
+        ee, pol = models[p["recipe"]], ExitPolicy(p["policy"], p["threshold"], p["tolerance"])
         for b in ts.batches:
             ee.infer(b["input_ids"], b["attention_mask"], b.get("token_type_ids") if types else None, policy=pol)
 
