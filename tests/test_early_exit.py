@@ -465,3 +465,21 @@ def test_self_distill_from_an_external_teacher(world, trained, tmp_path):
     # the backbone and final classifier come from the same stage 1 either way
     ma, mb = EM.load_early_exit(outs["self"]).model.state_dict(), EM.load_early_exit(outs["teacher"]).model.state_dict()
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_the_same_command_twice_gives_the_same_model_bit_for_bit(world, tmp_path):
+    """Stage 1 and both stage-2 recipes with dropout on (the world's encoder has 0.1), run twice."""
+    from safetensors.torch import load_file
+
+    from distill.cli.early_exit import main
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert main(_args(world, out, "--do_train", "--recipe", "two_stage,self_distill,joint",
+                          "--num_train_epochs", "2")) == 0
+    for name in ("model.safetensors", "early_exit.safetensors"):
+        a, b = load_file(runs[0] / name), load_file(runs[1] / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    logs = [(r / "train_log.jsonl").read_text().splitlines() for r in runs]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]  # noqa: E731
+    assert strip(logs[0]) == strip(logs[1])

@@ -167,9 +167,7 @@ class EarlyExitClassifier(nn.Module):
         for i in range(self.num_layers):
             hidden = run.layer(i, hidden, mask)
             e = head_at.get(i + 1)
-            if e is None:
-                continue
-            if policy is None:
+            if e is None or policy is None:
                 continue
             logits = self.heads[e](self.pool(hidden, mask2d))
             if out is None:

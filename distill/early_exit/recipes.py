@@ -24,47 +24,32 @@ import torch
 
 from distill import optim as O
 from distill.early_exit.model import EarlyExitClassifier
-from distill.glue.features import Features, batch_indices, collate
+from distill.glue.features import Features
 from distill.glue.losses import soft_target_loss, task_loss
 from distill.glue.modeling import takes_token_types
 from distill.glue.tasks import Task
-from distill.glue.trainer import forward_logits, train_loop
+from distill.glue.trainer import device_batch, forward_logits, map_batches, train_loop
 
 RECIPES = ("two_stage", "self_distill", "joint")
 STAGE2_RECIPES = ("two_stage", "self_distill")
 
 
-@torch.inference_mode()
 def layer_features(ee: EarlyExitClassifier, feats: Features, *, batch_size: int, device: torch.device, pad_id: int,
                    bf16: bool = False, progress: Callable | None = None) -> torch.Tensor:
     """(N, layers, H) float32 :meth:`~EarlyExitClassifier.layer_states` of every example, backbone in eval mode."""
     ee.to(device).eval()
-    types = takes_token_types(ee.model)
-    out = []
-    bar = progress(total=len(feats), desc="backbone features", unit="ex") if progress else None
-    for idx in batch_indices(len(feats), batch_size):
-        b = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
-        with O.autocast(device, torch.bfloat16 if bf16 else None):
-            out.append(ee.layer_states(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float())
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-    return torch.cat(out)
+    return torch.cat(map_batches(
+        lambda b: ee.layer_states(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float(), feats,
+        batch_size=batch_size, device=device, pad_id=pad_id, bf16=bf16, progress=progress, desc="backbone features"))
 
 
-@torch.inference_mode()
 def teacher_logits(teacher: torch.nn.Module, feats: Features, *, batch_size: int, device: torch.device,
                    pad_id: int, bf16: bool = False) -> torch.Tensor:
     """(N, C) float32 outputs of an external teacher on every training example."""
     teacher.to(device).eval()
     types = takes_token_types(teacher)
-    out = []
-    for idx in batch_indices(len(feats), batch_size):
-        b = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
-        with O.autocast(device, torch.bfloat16 if bf16 else None):
-            out.append(forward_logits(teacher, b, types).float())
-    return torch.cat(out)
+    return torch.cat(map_batches(lambda b: forward_logits(teacher, b, types).float(), feats, batch_size=batch_size,
+                                 device=device, pad_id=pad_id, bf16=bf16))
 
 
 @torch.inference_mode()
@@ -144,11 +129,10 @@ def train_joint(ee: EarlyExitClassifier, feats: Features, task: Task, cfg, devic
     """PABEE: backbone, exits and final classifier in one stage, exit at layer l weighted l. The model
     learns at ``cfg.learning_rate``, the new exits at ``cfg.exit_learning_rate``."""
     ee.to(device).train()
-    types = takes_token_types(ee.model)
     weights = [float(layer) for layer in ee.exit_layers]
 
     def batch_of(idx: np.ndarray) -> dict:
-        return {k: v.to(device, non_blocking=True) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
+        return device_batch(feats, idx, pad_id, device)
 
     def loss_of(b: dict):
         with O.autocast(device, torch.bfloat16 if cfg.bf16 else None):

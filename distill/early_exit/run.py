@@ -44,7 +44,7 @@ from distill.glue.run import (
     write_results,
 )
 from distill.glue.tasks import Task, get_task, split_path
-from distill.glue.trainer import fine_tune, pick_device, progress_bars
+from distill.glue.trainer import fine_tune, map_batches, pick_device, progress_bars
 from distill.seeding import seed_everything
 
 ARGS_FILE = "early_exit_args.json"
@@ -290,19 +290,12 @@ def _evaluate(cfg, task, ee, model, dev_feats, device, pad_id, policy, progress,
 
 def _real_early_exit(ee, task, feats: Features, policy, cfg, device, pad_id) -> dict:
     """Score and exit layers of real batched early-exit inference over a whole split."""
-    from distill import optim as O
-    from distill.glue.features import batch_indices, collate
-
     ee.to(device).eval()
-    logits, where = [], []
-    for idx in batch_indices(len(feats), cfg.per_device_eval_batch_size):
-        b = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=True).items()}
-        with O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
-            lg, wh = ee.infer(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), policy=policy)
-        logits.append(lg.float().cpu())
-        where.append(wh.cpu())
-    logits, where = torch.cat(logits), torch.cat(where)
-    layers = torch.tensor(ee.exit_layers, dtype=torch.float64)[where]
+    outs = map_batches(lambda b: [t.cpu() for t in ee.infer(b["input_ids"], b["attention_mask"],
+                                                              b.get("token_type_ids"), policy=policy)],
+                       feats, batch_size=cfg.per_device_eval_batch_size, device=device, pad_id=pad_id, bf16=cfg.bf16)
+    logits = torch.cat([lg.float() for lg, _ in outs])
+    layers = torch.tensor(ee.exit_layers, dtype=torch.float64)[torch.cat([wh for _, wh in outs])]
     mean = float(layers.mean())
     return {"policy": policy.name, "threshold": policy.threshold, "score": S.score(task, logits, feats.labels),
             "mean_exit_layer": mean, "layer_speedup": ee.num_layers / mean,
@@ -336,7 +329,7 @@ def _sweep(cfg, task, models: dict, feats: Features, device, pad_id, log) -> dic
     timing = subset(_reorder(feats, order), cfg.timing_examples)
     sizes = cfg.batch_sizes()
     any_ee = models[ref]
-    sets = S.timing_sets(timing, sizes, pad_id, device, token_types=any_ee.runner.family.token_types)
+    sets = S.timing_sets(timing, sizes, pad_id, device)
     timed = S.time_points(models, ref, to_time, sets, repeats=cfg.timing_repeats, device=device, bf16=cfg.bf16, log=log)
     chosen = S.choose(timed, cfg.max_metric_drop, sizes)
     if chosen is not None:

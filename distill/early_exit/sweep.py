@@ -23,24 +23,20 @@ import torch
 from distill import optim as O
 from distill.early_exit.model import EarlyExitClassifier
 from distill.early_exit.policies import POLICIES, ExitPolicy, grid, simulate
-from distill.glue.features import Features, batch_indices, collate
+from distill.glue.features import Features, batch_indices
 from distill.glue.metrics import compute_metrics, task_score
 from distill.glue.modeling import takes_token_types
+from distill.glue.trainer import device_batch, map_batches
 from distill.glue.tasks import Task
 
 
-@torch.inference_mode()
 def all_exit_logits(ee: EarlyExitClassifier, feats: Features, *, batch_size: int, device: torch.device, pad_id: int,
                     bf16: bool = False) -> torch.Tensor:
     """(N, E + 1, C) float32: every exit's and the final classifier's logits on every example, one pass."""
     ee.to(device).eval()
-    types = takes_token_types(ee.model)
-    out = []
-    for idx in batch_indices(len(feats), batch_size):
-        b = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
-        with O.autocast(device, torch.bfloat16 if bf16 else None):
-            out.append(ee.exit_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
-    return torch.cat(out)
+    return torch.cat(map_batches(
+        lambda b: ee.exit_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu(), feats,
+        batch_size=batch_size, device=device, pad_id=pad_id, bf16=bf16))
 
 
 def score(task: Task, logits: torch.Tensor, labels: np.ndarray) -> float:
@@ -112,12 +108,10 @@ class TimingSet:
     n: int
 
 
-def timing_sets(feats: Features, batch_sizes: list[int], pad_id: int, device: torch.device,
-                token_types: bool) -> list[TimingSet]:
+def timing_sets(feats: Features, batch_sizes: list[int], pad_id: int, device: torch.device) -> list[TimingSet]:
     out = []
     for bs in batch_sizes:
-        batches = [{k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=token_types).items()}
-                   for idx in batch_indices(len(feats), bs)]
+        batches = [device_batch(feats, idx, pad_id, device) for idx in batch_indices(len(feats), bs)]
         out.append(TimingSet(bs, batches, len(feats)))
     return out
 

@@ -79,8 +79,7 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
                                       alpha_ce=cfg.alpha_ce, alpha_task=alpha_task, regression=task.is_regression)
 
     def batch_of(idx: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = collate(feats, idx, pad_id, token_types=True)  # segment ids kept for whichever model takes them
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        return device_batch(feats, idx, pad_id, device)
 
     return train_loop(model.named_parameters(), len(feats), batch_of, loss_of, cfg, on_log=on_log, progress=progress)
 
@@ -148,22 +147,36 @@ def train_loop(named_parameters, n: int, batch_of: Callable[[np.ndarray], dict],
             "examples_per_s": round(steps * cfg.per_device_train_batch_size / max(seconds, 1e-9), 2)}
 
 
+def device_batch(feats: Features, idx: np.ndarray, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The examples ``idx`` collated (segment ids kept for whichever model takes them) and on the device."""
+    return {k: v.to(device, non_blocking=True) for k, v in collate(feats, idx, pad_id, token_types=True).items()}
+
+
 @torch.inference_mode()
+def map_batches(fn: Callable[[dict], object], feats: Features, *, batch_size: int, device: torch.device, pad_id: int,
+                bf16: bool = False, progress: Callable | None = None, desc: str = "evaluating") -> list:
+    """``fn(batch)`` on consecutive batches of ``feats`` in example order: collated (segment ids too, when
+    the features have them), on the device, under bf16 autocast when asked, in inference mode."""
+    out = []
+    bar = progress(total=len(feats), desc=desc, unit="ex") if progress else None
+    for idx in batch_indices(len(feats), batch_size):
+        batch = device_batch(feats, idx, pad_id, device)
+        with O.autocast(device, torch.bfloat16 if bf16 else None):
+            out.append(fn(batch))
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out
+
+
 def predict(model: nn.Module, feats: Features, *, batch_size: int, device: torch.device, pad_id: int,
             bf16: bool = False, progress: Callable | None = None, desc: str = "evaluating") -> np.ndarray:
     """The model's outputs (N, C) as float32, in example order."""
     model.to(device).eval()
     types = takes_token_types(model)
-    out = []
-    bar = progress(total=len(feats), desc=desc, unit="ex") if progress else None
-    for idx in batch_indices(len(feats), batch_size):
-        batch = {k: v.to(device) for k, v in collate(feats, idx, pad_id, token_types=types).items()}
-        with O.autocast(device, torch.bfloat16 if bf16 else None):
-            out.append(forward_logits(model, batch, types).float().cpu())
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+    out = map_batches(lambda b: forward_logits(model, b, types).float().cpu(), feats, batch_size=batch_size,
+                      device=device, pad_id=pad_id, bf16=bf16, progress=progress, desc=desc)
     return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
 
 
