@@ -34,6 +34,7 @@ setup(
             "distill-glue=distill.cli.run_glue:main",
             "distill-compare=distill.cli.compare:main",
             "distill-early-exit=distill.cli.early_exit:main",
+            "distill-cache-teacher=distill.cli.cache_teacher:main",
         ],
     },
 )

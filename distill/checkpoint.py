@@ -74,6 +74,15 @@ def teacher_identity(teacher_name: str) -> dict:
             "config_sha256": _sha256(p / "config.json")[:16] if (p / "config.json").is_file() else None}
 
 
+def run_teacher_identity(cfg) -> dict:
+    """The teacher a run trains with: its files, or those of the teacher cache that stands for it."""
+    if getattr(cfg, "teacher_cache", None):
+        from distill.teacher_cache import TeacherCache
+
+        return TeacherCache(cfg.teacher_cache).identity()
+    return teacher_identity(cfg.teacher_name)
+
+
 def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
     """Write checkpoint ``step``; move ``latest`` to it; keep the newest ``keep``.
 
@@ -181,7 +190,7 @@ HARMLESS = {"log_interval", "checkpoint_interval", "max_steps", "keep_checkpoint
             "resume", "config", "dump_path", "n_gpu", "local_rank", "fp16_opt_level", "max_bad_steps"}
 
 
-PATHS = {"data_file", "teacher_name", "student_config", "student_pretrained_weights", "token_counts"}
+PATHS = {"data_file", "teacher_name", "teacher_cache", "student_config", "student_pretrained_weights", "token_counts"}
 
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
@@ -206,7 +215,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 # Inputs that --force must never delete, whatever --dump_path is.
-_INPUT_FLAGS = ("data_file", "teacher_name", "student_pretrained_weights", "student_config", "token_counts", "config")
+_INPUT_FLAGS = ("data_file", "teacher_name", "teacher_cache", "student_pretrained_weights", "student_config",
+                "token_counts", "config")
 
 
 class CheckpointManager:
@@ -237,7 +247,7 @@ class CheckpointManager:
         identity of the data and the teacher (checked on resume)."""
         if self._run_meta is None:
             self._run_meta = {"config": self.cfg.to_dict(), "data": data_identity(self.cfg.data_file),
-                              "teacher": teacher_identity(self.cfg.teacher_name), "world_size": self.env.world_size}
+                              "teacher": run_teacher_identity(self.cfg), "world_size": self.env.world_size}
         return self._run_meta
 
     # -- where the run starts --------------------------------------------------------------
@@ -302,8 +312,9 @@ class CheckpointManager:
             raise UserError(f"cannot resume: the config differs from the checkpoint's in {'; '.join(bad)}")
         if data_identity(cfg.data_file) != ck_meta["data"]:
             raise UserError(f"cannot resume: {cfg.data_file} is not the data the checkpoint was trained on")
-        if teacher_identity(cfg.teacher_name) != ck_meta["teacher"]:
-            raise UserError(f"cannot resume: {cfg.teacher_name} is not the teacher the checkpoint was trained with")
+        if run_teacher_identity(cfg) != ck_meta["teacher"]:
+            which = cfg.teacher_cache or cfg.teacher_name
+            raise UserError(f"cannot resume: {which} is not the teacher the checkpoint was trained with")
         for change in harmless:
             note(f"resuming with a changed setting: {change}")
 

@@ -38,7 +38,11 @@ class TrainConfig:
     student_config: str = _f(None, "student config.json (optional with --student_pretrained_weights)")
     student_pretrained_weights: str = _f(None, "initial student: a folder written by scripts/extract.py")
     teacher_type: str = _f(None, "teacher family: bert, distilbert, roberta, gpt2, llama or auto (required)")
-    teacher_name: str = _f(None, "teacher: a local model folder or a .gguf file (required)")
+    teacher_name: str = _f(None, "teacher: a local model folder or a .gguf file (required without --teacher_cache)")
+    teacher_cache: str = _f(None, "a teacher cache written by scripts/cache_teacher.py: the soft targets come from "
+                                  "its top-k log-probabilities and the teacher is not loaded (causal LM; added here)")
+    teacher_cache_k: int = _f(None, "refuse a --teacher_cache that does not hold this many tokens a position "
+                                    "(added here)")
     # -- losses ----------------------------------------------------------------------------------
     temperature: float = _f(2.0, "softmax temperature of the soft-target loss")
     divergence: str = _f("kl", "the soft-target loss's divergence between teacher and student: kl (forward, as "
@@ -107,9 +111,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Everything that can be checked before loading a model; one sentence per problem."""
-        for name in ("dump_path", "data_file", "student_type", "teacher_type", "teacher_name"):
+        required = ["dump_path", "data_file", "student_type"]
+        if self.teacher_cache is None:
+            required += ["teacher_type", "teacher_name"]
+        for name in required:
             if getattr(self, name) in (None, ""):
-                raise UserError(f"--{name} is required")
+                alternative = " (or --teacher_cache)" if name.startswith("teacher") else ""
+                raise UserError(f"--{name} is required{alternative}")
+        self._validate_cache()
         if self.student_config is None and self.student_pretrained_weights is None:
             raise UserError("give --student_config or --student_pretrained_weights")
         for f in fields(self):  # NaN passes every comparison below: refuse it (and infinities) first
@@ -156,6 +165,25 @@ class TrainConfig:
                 raise UserError(f"--{name} must not be negative")
         if not 0 <= self.seed < 2**32:
             raise UserError("--seed must be in [0, 2**32)")
+
+    def _validate_cache(self) -> None:
+        """What a teacher cache cannot give: MLM targets, hidden states, full logits."""
+        if self.teacher_cache is None:
+            if self.teacher_cache_k is not None:
+                raise UserError("--teacher_cache_k needs --teacher_cache")
+            return
+        if self.mlm:
+            raise UserError("--teacher_cache cannot be used with --mlm: a masked LM teacher's outputs depend on each "
+                            "epoch's random masks, so they cannot be computed once (a cache is for causal LM)")
+        for name in ("alpha_cos", "alpha_hidden_mse"):
+            if getattr(self, name) > 0:
+                raise UserError(f"--{name} needs the teacher's hidden states, which a teacher cache does not hold; set "
+                                "it to 0, or give --teacher_name without --teacher_cache")
+        if self.alpha_mse > 0:
+            raise UserError("--alpha_mse needs the teacher's full logits, which a teacher cache does not hold (only "
+                            "its top k); set it to 0, or give --teacher_name without --teacher_cache")
+        if self.teacher_cache_k is not None and self.teacher_cache_k < 1:
+            raise UserError("--teacher_cache_k must be at least 1")
 
     def loss_weights(self, mlm: bool | None = None) -> dict[str, float]:
         """The weight of each loss, in LOSS_NAMES order. The LM loss is MLM with ``--mlm`` and CLM

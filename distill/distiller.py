@@ -66,7 +66,7 @@ class LogWindow:
 
 
 class Distiller:
-    def __init__(self, cfg: TrainConfig, student: nn.Module, teacher: nn.Module, dataset: LMSeqsDataset,
+    def __init__(self, cfg: TrainConfig, student: nn.Module, teacher: nn.Module | None, dataset: LMSeqsDataset,
                  collator: Collator, device: torch.device, *, student_objective: str,
                  layer_map: list[tuple[int, int]] | None = None, projection: nn.Module | None = None,
                  on_log: Callable[[dict], None] | None = None, checkpoints: CheckpointManager | None = None,
@@ -77,8 +77,9 @@ class Distiller:
         if device.type == "cpu":  # the step's large host blocks go back to the system (distill.memory)
             fix_mmap_threshold()
         self.student = student.to(device).train()
-        self.teacher = teacher.to(device).eval()
-        for p in self.teacher.parameters():
+        # No teacher: its soft targets come with each batch, from a teacher cache (the collator's).
+        self.teacher = None if teacher is None else teacher.to(device).eval()
+        for p in () if teacher is None else self.teacher.parameters():
             p.requires_grad_(False)
         self.mlm = student_objective == "mlm"
         self.alphas = cfg.loss_weights(mlm=self.mlm)
@@ -203,7 +204,11 @@ class Distiller:
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         labels = batch.get("labels")
-        t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)
+        if self.teacher is None:  # cached: the top-k rows the collator read (no hidden-state loss runs)
+            t_logits = L.CachedTargets(batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_tail"])
+            t_hidden = None
+        else:
+            t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)
         vocab = [k for k in self.enabled if k in ("ce", "mse", "mlm", "clm")]
         # A plain vocabulary projection is left to the fused losses: no (B, L, V) logits are made.
         proj = L.output_projection(self.student) if vocab else None
@@ -229,7 +234,10 @@ class Distiller:
         for name in self.enabled:
             if name in sums:
                 continue
-            if name == "ce":
+            if name == "ce" and isinstance(t_logits, L.CachedTargets):
+                sums[name] = L.cached_soft_target(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"],
+                                                  divergence=self.divergence)
+            elif name == "ce":
                 sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"],
                                               divergence=self.divergence)
             elif name == "mse":

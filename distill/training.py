@@ -25,6 +25,7 @@ from distill.distributed import launched_by_torchrun
 from distill.errors import UserError, note
 from distill.fileio import publish_folder, temp_name, write_error
 from distill.hf import has_tokenizer, quiet_transformers
+from distill.teacher_cache.store import TOKENIZER_DIR, TeacherCache
 from distill.testing.faults import kill_point
 
 
@@ -33,16 +34,19 @@ class Run:
     """Everything a run trains with, loaded and checked against each other."""
 
     dataset: LMSeqsDataset
-    teacher: M.LoadedModel
+    teacher: M.LoadedModel | None  # None when a teacher cache stands for it
     student: M.LoadedModel
     tokenizer: object | None  # the teacher's, saved with the student; None when its folder has none
     collator: Collator
     layer_map: list[tuple[int, int]] | None  # (student layer, teacher layer) for the hidden-state losses
     projection: torch.nn.Module | None  # learned student -> teacher width map, when the widths differ
+    cache: TeacherCache | None = None  # --teacher_cache
 
 
 def build_run(cfg: TrainConfig, world_size: int = 1) -> Run:
     """Load data, teacher and student, check that they fit together and the flags fit them."""
+    if cfg.teacher_cache is not None:
+        return build_cached_run(cfg, world_size)
     for name in ("teacher_name", "data_file"):
         if not Path(getattr(cfg, name)).exists():
             raise UserError(f"--{name} {getattr(cfg, name)} does not exist")
@@ -55,6 +59,33 @@ def build_run(cfg: TrainConfig, world_size: int = 1) -> Run:
     layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
     freeze(cfg, student.model)
     return Run(dataset, teacher, student, tok, build_collator(cfg, dataset), layer_map, projection)
+
+
+def build_cached_run(cfg: TrainConfig, world_size: int) -> Run:
+    """A run whose soft targets come from --teacher_cache: the teacher is never loaded. The config
+    has refused what a cache cannot give (MLM, hidden-state and logit-MSE losses)."""
+    if not Path(cfg.data_file).exists():
+        raise UserError(f"--data_file {cfg.data_file} does not exist")
+    cache = TeacherCache(cfg.teacher_cache)
+    dataset = LMSeqsDataset(cfg.data_file, max_model_input_size=cfg.max_model_input_size)
+    student = build_student(cfg)
+    if student.objective != "clm":
+        raise UserError(f"the {cfg.student_type} student is a masked LM; a teacher cache is for causal LM")
+    vocab = int(student.model.config.vocab_size)
+    if dataset.meta["vocab_size"] > vocab and dataset.max_token_id() >= vocab:
+        raise UserError(f"{cfg.data_file} holds token id {dataset.max_token_id()}, beyond the student's {vocab} ids")
+    cache.check(data_file=cfg.data_file, example_lengths=dataset.lengths,
+                max_model_input_size=cfg.max_model_input_size, temperature=cfg.temperature, vocab_size=vocab,
+                k=cfg.teacher_cache_k)
+    check_sizes(cfg, None, student, dataset, world_size)
+    freeze(cfg, student.model)
+    tok = None
+    if cache.meta.get("has_tokenizer"):
+        with quiet_transformers(progress_bars=True):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(cache.folder / TOKENIZER_DIR, local_files_only=True)
+    return Run(dataset, None, student, tok, build_collator(cfg, dataset, cache), None, None, cache)
 
 
 # -- flags ------------------------------------------------------------------------------------
@@ -80,6 +111,11 @@ def warn_about_flags(cfg: TrainConfig, given: set[str]) -> None:
              f"'torchrun --nproc_per_node {cfg.n_gpu} train.py ...'")
     if not cfg.mlm and cfg.token_counts is not None:
         note("--token_counts has no effect without --mlm")
+    if cfg.teacher_cache is not None:
+        if cfg.teacher_name is not None:
+            note(f"--teacher_name {cfg.teacher_name} is not loaded: the soft targets come from --teacher_cache")
+        if cfg.alpha_ce == 0:
+            note("--teacher_cache has no effect with --alpha_ce 0 (only the soft-target loss reads it)")
 
 
 def use_gpu(cfg: TrainConfig, given: set[str]) -> bool:
@@ -174,10 +210,12 @@ def check_compatibility(cfg: TrainConfig, teacher: M.LoadedModel, student: M.Loa
         note("--freeze_token_type_embds has no effect: the student has no token type embeddings")
 
 
-def check_sizes(cfg: TrainConfig, teacher: M.LoadedModel, student: M.LoadedModel, dataset: LMSeqsDataset,
+def check_sizes(cfg: TrainConfig, teacher: M.LoadedModel | None, student: M.LoadedModel, dataset: LMSeqsDataset,
                 world_size: int) -> None:
     """The longest input fits both models' positions; the data fills at least one global batch."""
     for who, loaded in (("student", student), ("teacher", teacher)):
+        if loaded is None:
+            continue
         max_pos = M.max_positions(loaded.model.config)
         if max_pos is not None and cfg.max_model_input_size > max_pos:
             raise UserError(f"--max_model_input_size {cfg.max_model_input_size} exceeds the {who}'s "
@@ -220,12 +258,13 @@ def freeze(cfg: TrainConfig, student) -> None:
 # -- data -------------------------------------------------------------------------------------
 
 
-def build_collator(cfg: TrainConfig, dataset: LMSeqsDataset) -> Collator:
-    """Padding and labels: MLM masking (weighted by --token_counts) with --mlm, CLM labels without."""
+def build_collator(cfg: TrainConfig, dataset: LMSeqsDataset, cache: TeacherCache | None = None) -> Collator:
+    """Padding and labels: MLM masking (weighted by --token_counts) with --mlm, CLM labels without;
+    with a teacher cache, each position's cached top-k too."""
     special = dataset.meta["special_token_ids"]
     pad_id = special.get("pad_token", special.get("eos_token", 0))
     if not cfg.mlm:
-        return Collator(pad_id, causal=True, seed=cfg.seed)
+        return Collator(pad_id, causal=True, seed=cfg.seed, cache=cache)
     vocab = dataset.meta["vocab_size"]
     if cfg.token_counts is not None:
         counts = load_token_counts(cfg.token_counts, vocab)

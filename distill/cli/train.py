@@ -58,7 +58,8 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
     seed_everything(cfg.seed, rank=env.rank)
     describe(cfg, run)
 
-    distiller = Distiller(cfg, run.student.model, run.teacher.model, run.dataset, run.collator, env.device,
+    teacher = None if run.teacher is None else run.teacher.model  # None: the soft targets are cached
+    distiller = Distiller(cfg, run.student.model, teacher, run.dataset, run.collator, env.device,
                           student_objective=run.student.objective, layer_map=run.layer_map,
                           projection=run.projection, checkpoints=checkpoints, dist=env)
     if state is not None:
@@ -105,8 +106,9 @@ def describe(cfg: TrainConfig, run: Run) -> None:
 
     losses = ", ".join(f"{k}={v}" for k, v in cfg.loss_weights().items() if v > 0)
     say(f"data: {run.dataset.stats.summary()}")
-    say(f"teacher: {cfg.teacher_name} ({params(run.teacher.model):,} parameters); "
-        f"student: {params(run.student.model):,} parameters; losses: {losses}")
+    teacher = (f"cached in {run.cache.describe()}; not loaded" if run.teacher is None
+               else f"{cfg.teacher_name} ({params(run.teacher.model):,} parameters)")
+    say(f"teacher: {teacher}; student: {params(run.student.model):,} parameters; losses: {losses}")
 
 
 def log_record(metrics_path: Path, tb, record: dict) -> None:

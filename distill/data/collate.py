@@ -33,12 +33,14 @@ class Collator:
     (B, L) with -100 where no loss is taken (for MLM: every unmasked position; for CLM: padding;
     HF causal models shift the labels themselves). Without ``mlm`` or ``causal`` there are no labels.
 
+    With a teacher ``cache`` (CLM), each position's cached top-k rows come too (:meth:`cached_rows`).
+
     Set ``epoch`` before each epoch: it is part of the masking seed.
     """
 
     def __init__(self, pad_id: int, *, mlm: bool = False, causal: bool = False, mask_id: int | None = None,
                  token_probs: np.ndarray | None = None, mlm_mask_prop: float = 0.15, word_mask: float = 0.8,
-                 word_keep: float = 0.1, word_rand: float = 0.1, seed: int = 0):
+                 word_keep: float = 0.1, word_rand: float = 0.1, seed: int = 0, cache=None):
         if mlm and causal:
             raise ValueError("a batch is either masked (MLM) or causal (CLM), not both")
         if mlm:
@@ -59,6 +61,9 @@ class Collator:
         self.word_probs = (word_mask, word_keep, word_rand)
         self.seed = seed
         self.epoch = 0
+        if cache is not None and not causal:
+            raise ValueError("a teacher cache goes with causal batches")
+        self.cache = cache  # a distill.teacher_cache.TeacherCache, or None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in examples]
@@ -82,7 +87,25 @@ class Collator:
         }
         if labels is not None:
             out["labels"] = torch.from_numpy(labels)
+        if self.cache is not None:
+            out.update(self.cached_rows(examples, L))
         return out
+
+    def cached_rows(self, examples: list[dict], L: int) -> dict[str, torch.Tensor]:
+        """The cache's rows of each example, padded like the ids: ``teacher_ids`` (B, L, k) int64,
+        ``teacher_logprobs`` (B, L, k) float32 and ``teacher_tail`` (B, L) float32."""
+        B, k = len(examples), self.cache.k
+        ids = np.zeros((B, L, k), dtype=np.int64)
+        lps = np.zeros((B, L, k), dtype=np.float32)
+        tail = np.zeros((B, L), dtype=np.float32)
+        for b, e in enumerate(examples):
+            i, lp, t = self.cache.example(e["index"])
+            n = len(e["input_ids"])
+            if len(i) != n:  # the cache was checked against the dataset's layout: this is a bug
+                raise RuntimeError(f"example {e['index']} has {n} tokens but {len(i)} cached rows")
+            ids[b, :n], lps[b, :n], tail[b, :n] = i, lp, t
+        return {"teacher_ids": torch.from_numpy(ids), "teacher_logprobs": torch.from_numpy(lps),
+                "teacher_tail": torch.from_numpy(tail)}
 
     def mask_sequence(self, ids: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(masked ids, labels) for one sequence; deterministic in (seed, epoch, index)."""

@@ -8,8 +8,11 @@
 * :mod:`.heads`: which models' logits are a plain projection (:func:`output_projection`), and
   :class:`ProjectionInput` to run a model up to it.
 * :mod:`.kernels`: the per-block loss math both vocabulary paths share, and :class:`Workspace`.
+* :mod:`.divergences`: the soft-target divergences beyond forward KL.
+* :mod:`.cached`: soft targets from a teacher cache (top-k and a tail bucket), :class:`CachedTargets`.
 """
 
+from distill.losses.cached import CachedTargets, cached_soft_target
 from distill.losses.fused import ProjectedLogits, projected_vocab_losses
 from distill.losses.heads import ProjectionInput, output_projection, projection_input
 from distill.losses.hidden import (
@@ -35,6 +38,8 @@ from distill.losses.pointwise import (
 
 __all__ = [
     "soft_target_ce",
+    "cached_soft_target",
+    "CachedTargets",
     "lm_ce",
     "clm_ce",
     "logits_mse",

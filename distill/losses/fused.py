@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from distill.losses.cached import CachedTargets, cached_rows, check_targets
 from distill.losses.divergences import FORWARD_KL, Divergence, divergence_rows
 from distill.losses.kernels import Workspace, ce_rows, floored_copy, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
@@ -95,7 +96,7 @@ class _Plan:
     index: Tensor | None  # (K,) on the device: the rows of the flattened hidden, in that order; None = all N
     k_ce: int  # the first k_ce rows carry labels (0 without lm_ce)
     labels: Tensor | None  # (K,) class ids of the rows, clamped to >= 0; only the first k_ce are read
-    teacher: ProjectedLogits | Tensor | None  # the teacher's logits (B, L, V) / (N, V), or uncomputed
+    teacher: ProjectedLogits | Tensor | CachedTargets | None  # its logits (B, L, V) / (N, V), uncomputed, or cached
     compute_dtype: torch.dtype  # of the matmuls and of the kept logit gradients; softmaxes are fp32
     chunk: int  # rows projected at a time
     group: int  # kl/mse gradient rows of unlabelled rows taken through the projection at a time
@@ -164,8 +165,10 @@ class _ForwardPass:
     def _teacher_operands(self) -> None:
         """The teacher's side: its rows (t_rows) or its projection's operands (t_x, t_w, t_b)."""
         p, teacher = self.plan, self.plan.teacher
-        self.t_rows = self.t_x = self.t_w = self.t_b = None
-        if isinstance(teacher, ProjectedLogits):
+        self.t_rows = self.t_x = self.t_w = self.t_b = self.t_cached = None
+        if isinstance(teacher, CachedTargets):  # its top-k rows, in the order of the rows computed on
+            self.t_cached = teacher.flat() if p.index is None else teacher.rows(p.index)
+        elif isinstance(teacher, ProjectedLogits):
             th = teacher.hidden.reshape(self.n_rows, teacher.hidden.shape[-1])
             self.t_x = (th if p.index is None else th.index_select(0, p.index)).to(p.compute_dtype)
             self.t_w = teacher.weight.to(p.compute_dtype)
@@ -173,7 +176,9 @@ class _ForwardPass:
             self.t_b = None if teacher.bias is None else floored_copy(teacher.bias, p.scale).to(p.compute_dtype)
         elif teacher is not None:
             self.t_rows = teacher.reshape(self.n_rows, teacher.shape[-1])
-        self.uses_teacher = teacher is not None and any(tm.kind != "ce" for tm in p.terms)
+        # Teacher logits to make per chunk (none from a cache).
+        self.uses_teacher = (teacher is not None and self.t_cached is None
+                             and any(tm.kind != "ce" for tm in p.terms))
 
     def _allocate_grads(self) -> None:
         p, K, V, H = self.plan, self.K, self.V, self.x.shape[1]
@@ -253,13 +258,16 @@ class _ForwardPass:
             sel = local.nonzero().squeeze(1).to(self.dev, non_blocking=True)
         k = z - a if sel is None else int(sel.numel())
         sb = s if sel is None else s.index_select(0, sel)
-        tb = t if sel is None else t.index_select(0, sel)
+        tb = t if sel is None or t is None else t.index_select(0, sel)
         g_out = None
         if p.need_grad and labelled:  # kept for backward, at the rows' places
             g_out = term.gd[a:z] if sel is None else self.scratch("gsel", k, p.compute_dtype)
         elif p.need_grad:  # into the group block, taken through the projection when full
             g_out = self._group_rows(i, k, slice(a, z) if sel is None else a + sel)
-        if term.kind == "kl":
+        if term.kind == "kl" and self.t_cached is not None:  # 1/T is folded (no mse from a cache)
+            tc = self.t_cached.rows(slice(a, z))
+            done = cached_rows(p.divergence, sb, tc if sel is None else tc.rows(sel), g_out, p.workspace, p.need_b)
+        elif term.kind == "kl":
             if p.scale != p.inv_t:  # 1/T not folded into the matmuls (mse needs raw logits)
                 sb, tb = sb.float().mul_(p.inv_t), tb.float().mul_(p.inv_t)
             done = divergence_rows(p.divergence, sb, tb, g_out, p.workspace, p.need_b)
@@ -391,7 +399,11 @@ def _check_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher, te
     if bias is not None and bias.shape != (V,):
         raise ValueError(f"bias must be ({V},), got {tuple(bias.shape)}.")
     lead = hidden.shape[:-1]
-    if teacher is not None and tuple(teacher.shape) != (*lead, V):
+    if isinstance(teacher, CachedTargets):
+        if mse:
+            raise ValueError("logits_mse needs the teacher's logits; a cache holds only its top-k log-probabilities.")
+        check_targets(teacher, lead, V)
+    elif teacher is not None and tuple(teacher.shape) != (*lead, V):
         raise ValueError(f"teacher logits must be {(*lead, V)}, got {tuple(teacher.shape)}.")
     if labels is not None and labels.shape != lead:
         raise ValueError(f"labels must be {tuple(lead)}, got {tuple(labels.shape)}.")
@@ -494,7 +506,9 @@ def projected_vocab_losses(
     Args:
         hidden: (B, L, H) or (N, H), the projection's input (see :class:`ProjectionInput`).
         weight: (V, H); bias: (V,) or None. Both receive gradients when they require them.
-        teacher: the teacher's logits, as a (B, L, V) tensor or uncomputed :class:`ProjectedLogits`.
+        teacher: the teacher's logits, as a (B, L, V) tensor or uncomputed :class:`ProjectedLogits`; or
+            its cached top-k (:class:`~distill.losses.cached.CachedTargets`, soft_target only), for the
+            divergence over those tokens and one tail bucket (:mod:`.cached`).
         mask: (B, L) or (N,) rows of soft_target / mse; None = all.
         labels: (B, L) or (N,) class ids, ``ignore_index`` where no loss; label_mask: their
             ``labels != ignore_index`` if at hand (on the CPU it saves a host sync).

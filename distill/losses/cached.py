@@ -1,0 +1,200 @@
+"""Soft targets from a teacher cache: the divergence over the teacher's top-k tokens and one tail bucket.
+
+A cache (:mod:`distill.teacher_cache`) holds, for every position, the teacher's k most probable tokens
+at temperature T, their log-probabilities, and the log of the mass left over. Here the student's
+distribution ``p = softmax(s / T)`` over the V tokens is grouped into the same k + 1 buckets: ``P_j =
+p_{v_j}`` for the cached tokens, ``P_tail`` the sum of the others. The loss is ``T² · D(Q, P)`` over
+the buckets with the run's divergence (:mod:`.divergences`), exact on what was cached. With k = V the
+tail is empty and it is the full divergence.
+
+The teacher's k + 1 log-masses are renormalised (a 16-bit cache rounds them, so they sum to 1 only
+approximately).
+
+**Gradient.** ``D`` is ``F(P)`` for fixed ``Q``. Since ``P_j = Σ_{v ∈ j} p_v``, ``∂F/∂p_v = h_{j(v)}``
+with ``h = ∂F/∂P``, and through the softmax the gradient in ``a = s / T`` is
+``p_v (h_{j(v)} − Σ_j P_j h_j)``. The kernels compute the products ``P_j h_j`` directly, so that a
+bucket whose mass underflows gives 0 and not 0 × ∞:
+
+- forward KL: ``P h = −Q``;
+- reverse KL: ``P h = P (log P − log Q)``;
+- JSD(β): ``P h = (1−β) P (log P − log M)``, ``M = β Q + (1−β) P``;
+- TVD: ``P h = ½ P sign(P − Q)``;
+- skew KL(α): ``P h = −(1−α) Q P / M``, ``M = α Q + (1−α) P``.
+
+A cached token's logit gradient is ``P_j h_j − P_j c`` with ``c = Σ_j P_j h_j``, and a tail token's
+is ``p_v (h_tail − c)``. No (B, L, V) tensor is made in the fused path (:mod:`.fused`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill.losses.divergences import FORWARD_KL, Divergence
+from distill.losses.kernels import KERNEL_ROWS, Workspace
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class CachedTargets:
+    """The teacher's cached signal for a batch, in place of its logits.
+
+    ``ids`` (..., k) int64 token ids, ``logprobs`` (..., k) their log-probabilities at the cache's
+    temperature, ``tail`` (...,) the log of the remaining mass (``-inf`` when k is the vocabulary).
+    The leading dims are the batch's, (B, L) or (N,).
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @property
+    def leading(self) -> torch.Size:
+        return self.ids.shape[:-1]
+
+    def flat(self) -> "CachedTargets":
+        """(N, k), (N, k), (N,)."""
+        k = self.k
+        return CachedTargets(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.tail.reshape(-1))
+
+    def rows(self, index: Tensor | slice) -> "CachedTargets":
+        """The flat rows at ``index``."""
+        f = self.flat()
+        if isinstance(index, slice):
+            return CachedTargets(f.ids[index], f.logprobs[index], f.tail[index])
+        return CachedTargets(f.ids.index_select(0, index), f.logprobs.index_select(0, index),
+                             f.tail.index_select(0, index))
+
+
+def _buckets(lq: Tensor, lt: Tensor) -> Tensor:
+    """The teacher's k + 1 log-masses (n, k + 1), fp32, renormalised."""
+    LQ = torch.cat([lq.float(), lt.float().unsqueeze(1)], 1)
+    return LQ - LQ.logsumexp(-1, keepdim=True)
+
+
+def bucket_divergence(div: Divergence, lq: Tensor, lp: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``D(Q, P)`` over buckets, from fp32 log-masses ``lq``, ``lp`` (n, m) (``-inf`` for an
+    empty bucket), and the products ``P_j h_j`` (n, m) with ``h = ∂D/∂P`` (the module's list).
+
+    Empty buckets contribute 0 (``0 log 0 = 0``); a bucket with teacher mass but none of the
+    student's makes KL infinite, as it is.
+    """
+    q, p = lq.exp(), lp.exp()
+    has_q, has_p = q > 0, p > 0
+    zero = lq.new_zeros(())
+    name = div.name
+    if name == "reverse_kl":
+        ph = p * torch.where(has_p, lp - lq, zero)
+        row = ph.sum(-1)
+    elif name == "jsd":
+        beta = div.beta
+        lm = torch.logaddexp(lq + math.log(beta), lp + math.log1p(-beta))
+        ph = (1 - beta) * p * torch.where(has_p, lp - lm, zero)
+        row = beta * (q * torch.where(has_q, lq - lm, zero)).sum(-1) + ph.sum(-1)
+    elif name == "tvd":
+        d = p - q
+        row = 0.5 * d.abs().sum(-1)
+        ph = 0.5 * p * d.sign()
+    elif name == "skew_kl" and div.alpha > 0:
+        alpha = div.alpha
+        lm = torch.logaddexp(lq + math.log(alpha), lp + math.log1p(-alpha))
+        row = (q * torch.where(has_q, lq - lm, zero)).sum(-1)
+        ph = -(1 - alpha) * torch.where(has_q, (lq + lp - lm).exp(), zero)
+    else:  # forward KL (skew KL at alpha 0 is forward KL)
+        row = (q * torch.where(has_q, lq - lp, zero)).sum(-1)
+        ph = -q
+    return row, ph
+
+
+def cached_block(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | None,
+                 colsum: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Rows of the bucketed divergence for temperature-scaled student logits ``a`` (n, V) and the
+    cached rows ``t`` (n, k); into ``g_out`` (n, V) its gradient in ``a``; with ``colsum`` that
+    gradient's column sums (V,)."""
+    V, k = a.shape[1], t.k
+    ids = t.ids
+    log_p = torch.log_softmax(a.float(), -1)  # (n, V) fp32
+    lp_top = log_p.gather(1, ids)  # (n, k): finite even where p underflows
+    p = log_p.exp_()  # log_p is not needed again
+    p.scatter_(1, ids, 0.0)  # now the tail tokens' probabilities, 0 at the cached ones
+    if k < V:  # a sum of small positives: no cancellation, unlike 1 - sum of the top
+        lp_tail = p.sum(-1).clamp_min_(_TINY).log_()
+    else:
+        lp_tail = lp_top.new_full((lp_top.shape[0],), -math.inf)
+    LP = torch.cat([lp_top, lp_tail.unsqueeze(1)], 1)  # (n, k + 1)
+    LQ = _buckets(t.logprobs, t.tail)
+    row, ph = bucket_divergence(div, LQ, LP)
+    if g_out is None:
+        return row, None
+    c = ph.sum(-1, keepdim=True)  # (n, 1)
+    P = LP.exp()
+    P_tail = P[:, k]
+    h_tail = torch.where(P_tail > 0, ph[:, k] / P_tail.clamp_min(_TINY), 0.0)
+    g = p.mul_(h_tail.unsqueeze(1) - c)  # the tail tokens' gradient; 0 at the cached ones
+    g.scatter_(1, ids, ph[:, :k] - P[:, :k] * c)
+    g_out.copy_(g)
+    return row, (g.sum(0) if colsum else None)
+
+
+def cached_rows(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | None, workspace: Workspace,
+                colsum: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`cached_block` over a chunk (n, V), a few rows at a time on the CPU (their fp32 blocks
+    stay in cache)."""
+    n = a.shape[0]
+    step = KERNEL_ROWS if a.device.type == "cpu" else max(n, 1)
+    rows, sums = [], None
+    for r in range(0, n, step):
+        e = min(r + step, n)
+        part = CachedTargets(t.ids[r:e], t.logprobs[r:e], t.tail[r:e])
+        row, cs = cached_block(div, a[r:e], part, None if g_out is None else g_out[r:e], colsum)
+        rows.append(row)
+        if cs is not None:
+            sums = cs if sums is None else sums.add_(cs)
+    if not rows:
+        return a.new_zeros(0, dtype=torch.float32), None
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)), sums
+
+
+def check_targets(targets: CachedTargets, leading: torch.Size, vocab: int) -> None:
+    """ValueError unless ``targets`` covers ``leading`` positions with at most ``vocab`` ids each."""
+    if tuple(targets.leading) != tuple(leading):
+        raise ValueError(f"cached teacher targets cover {tuple(targets.leading)} positions, the student "
+                         f"{tuple(leading)}.")
+    if targets.logprobs.shape != targets.ids.shape or tuple(targets.tail.shape) != tuple(leading):
+        raise ValueError("cached teacher ids, log-probabilities and tail must share their leading shape.")
+    if not 1 <= targets.k <= vocab:
+        raise ValueError(f"cached teacher targets hold {targets.k} tokens a position, for a vocabulary of {vocab}.")
+
+
+def cached_soft_target(student_logits: Tensor, targets: CachedTargets, temperature: float,
+                       mask: Tensor | None = None, divergence: Divergence | None = None) -> Tensor:
+    """``T² Σ_positions D(Q, P)`` over the cached buckets, on materialised logits (B, L, V) or (N, V),
+    with autograd (fp32 (n, V) intermediates). For heads the fused path cannot take, and as the
+    reference the fused kernel is tested against. Count: the positions of ``mask``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    div = (divergence or FORWARD_KL).check()
+    V = student_logits.shape[-1]
+    check_targets(targets, student_logits.shape[:-1], V)
+    s = student_logits.reshape(-1, V)
+    t = targets.flat()
+    if mask is not None:
+        idx = mask.reshape(-1).bool().nonzero().squeeze(1).to(s.device)
+        s, t = s.index_select(0, idx), t.rows(idx)
+    log_p = torch.log_softmax(s.float() / temperature, -1)
+    lp_top = log_p.gather(1, t.ids)
+    if t.k < V:
+        hit = torch.zeros_like(log_p, dtype=torch.bool).scatter_(1, t.ids, True)
+        lp_tail = log_p.masked_fill(hit, -math.inf).logsumexp(-1, keepdim=True)
+    else:
+        lp_tail = lp_top.new_full((lp_top.shape[0], 1), -math.inf)
+    row, _ = bucket_divergence(div, _buckets(t.logprobs, t.tail), torch.cat([lp_top, lp_tail], 1))
+    return row.sum() * (temperature * temperature)
