@@ -63,6 +63,10 @@ class TrainConfig:
     hidden_projection: str = _f("auto", "auto: a learned linear map when widths differ; none: refuse "
                                         "different widths (added here)", choices=["auto", "none"])
     restrict_ce_to_mask: bool = _f(False, "soft-target and logit MSE losses only on masked positions")
+    loss_on: str = _f(None, "data with a completion mask (chat, prompt/completion): completion puts the CLM, "
+                            "soft-target and logit losses on completion tokens only, all on every token "
+                            "(default: completion when the data has a mask; added here)",
+                      choices=["completion", "all"])
     # -- MLM -------------------------------------------------------------------------------------
     mlm: bool = _f(False, "masked LM objective (else causal LM)")
     mlm_mask_prop: float = _f(0.15, "share of tokens chosen for MLM")
@@ -100,6 +104,9 @@ class TrainConfig:
                                     "CPU runs are reproducible without it (added here)")
     # -- logging ---------------------------------------------------------------------------------
     log_interval: int = _f(500, "optimizer steps between logs")
+    report_to: str = _f("tensorboard", "where the logged scalars go besides metrics.jsonl: tensorboard, wandb "
+                                       "(offline unless WANDB_MODE says otherwise) or none; repeatable or "
+                                       "comma-separated (added here)")
     checkpoint_interval: int = _f(4000, "optimizer steps between checkpoints")
     keep_checkpoints: int = _f(3, "checkpoints kept in --dump_path/checkpoints (added here)")
     resume: str = _f(None, "resume from the latest checkpoint in --dump_path, or from the checkpoint folder "
@@ -146,6 +153,8 @@ class TrainConfig:
                 raise UserError("--mlm_smoothing must not be negative")
         elif self.restrict_ce_to_mask:
             raise UserError("--restrict_ce_to_mask needs --mlm (there is no mask in causal LM)")
+        if self.mlm and self.loss_on == "completion":
+            raise UserError("--loss_on completion is for causal LM on chat or prompt/completion data, not --mlm")
         for name in ("n_epoch", "batch_size", "gradient_accumulation_steps", "log_interval", "checkpoint_interval",
                      "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -165,6 +174,19 @@ class TrainConfig:
                 raise UserError(f"--{name} must not be negative")
         if not 0 <= self.seed < 2**32:
             raise UserError("--seed must be in [0, 2**32)")
+        self.trackers()
+
+    def trackers(self) -> list[str]:
+        """The trackers of --report_to, checked (W&B is an optional extra: refused when not installed)."""
+        import importlib.util
+
+        from distill.trackers import parse_report_to
+
+        names = parse_report_to(self.report_to)
+        if "wandb" in names and importlib.util.find_spec("wandb") is None:
+            raise UserError("--report_to wandb needs the wandb package, which is not installed: pip install "
+                            "'distill[wandb]' (or pip install wandb)")
+        return names
 
     def _validate_cache(self) -> None:
         """What a teacher cache cannot give: MLM targets, hidden states, full logits."""
@@ -229,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", help=help_)
             continue
+        if f.name == "report_to":
+            p.add_argument(flag, action="append", metavar="TRACKER", help=f"{help_} (default: {f.default})")
+            continue
         kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
         # torch.distributed.launch passes --local-rank (hyphen) to the script
         aliases = ["--local-rank"] if f.name == "local_rank" else []
@@ -263,6 +288,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _coerce(key: str, kind: str, v: Any) -> Any:
     if v is None:
         return None
+    if key == "report_to" and isinstance(v, (list, tuple)):  # repeated on the command line, or a YAML list
+        return ",".join(str(x) for x in v)
     if kind == "bool":
         if not isinstance(v, bool):
             raise UserError(f"config key {key} must be true or false")

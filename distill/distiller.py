@@ -155,6 +155,8 @@ class Distiller:
         if labels is not None:
             out["labels"] = labels != IGNORE_INDEX  # (B, L)
         out["ce"] = out["labels"] if self.cfg.restrict_ce_to_mask else attn
+        if "target_mask" in batch:  # completion-only: the positions that predict a completion token
+            out["ce"] = batch["target_mask"]
         return out
 
     def loss_counts(self, masks: dict[str, torch.Tensor]) -> dict[str, int]:

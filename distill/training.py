@@ -263,8 +263,13 @@ def build_collator(cfg: TrainConfig, dataset: LMSeqsDataset, cache: TeacherCache
     with a teacher cache, each position's cached top-k too."""
     special = dataset.meta["special_token_ids"]
     pad_id = special.get("pad_token", special.get("eos_token", 0))
+    has_mask = dataset.mask_bits is not None
+    if cfg.loss_on == "completion" and not has_mask:
+        raise UserError(f"--loss_on completion needs data with a completion mask, and {cfg.data_file} has none "
+                        "(binarize 'messages' or 'prompt'/'completion' data with --dataset)")
     if not cfg.mlm:
-        return Collator(pad_id, causal=True, seed=cfg.seed, cache=cache)
+        return Collator(pad_id, causal=True, seed=cfg.seed, cache=cache,
+                        completion_only=has_mask and cfg.loss_on != "all")
     vocab = dataset.meta["vocab_size"]
     if cfg.token_counts is not None:
         counts = load_token_counts(cfg.token_counts, vocab)

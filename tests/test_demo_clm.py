@@ -244,7 +244,7 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
             "--max_steps", "2", "--eval_tokens", "128"]
     try:
         assert clm.main(args) == 0
-    except SystemExit as e:  # janeaustenr could not be fetched here
+    except SystemExit:  # janeaustenr could not be fetched here
         if "janeaustenr" in capsys.readouterr().err:
             pytest.skip("Debian's r-cran-janeaustenr cannot be fetched")
         raise
@@ -256,3 +256,15 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert clm.main(args) == 0  # a second run reuses every stage
     out = capsys.readouterr().out
     assert out.count("reusing") >= 6
+
+    # The chat example on the same teacher and student: SmolLM2's own chat template renders the
+    # conversations written from the KJV, the loss is on completions only, and it trains end to end.
+    from distill.data.binarize import read_meta
+    from distill.demo import chat
+
+    assert chat.main(args[:4] + ["--quick", "--max_steps", "2", "--held_out", "4"]) == 0
+    meta = read_meta(tmp_path / "run" / "chat_data")
+    assert meta["kind"] == "messages" and meta["loss_mask"] and 0 < meta["completion_tokens"] < meta["num_tokens"]
+    report = json.loads((tmp_path / "run" / "chat_perplexity_quick.json").read_text())
+    ppl = {label: r["perplexity"] for label, r in report["models"].items()}
+    assert ppl["teacher"] < ppl["distilled student"] < ppl["extracted student"]

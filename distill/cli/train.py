@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 from distill import distributed
-from distill.checkpoint import CHECKPOINTS, TENSORBOARD, CheckpointManager
+from distill.checkpoint import CHECKPOINTS, CheckpointManager
 from distill.config import TrainConfig, parse_config
 from distill.distiller import Distiller, TrainingDiverged, TrainingStopped, write_jsonl
 from distill.errors import cli_entry, say
 from distill.fileio import write_atomic
 from distill.seeding import seed_everything
+from distill.trackers import open_trackers, scalars
 from distill.training import Run, build_run, git_info, save_final_student, save_student, use_gpu, warn_about_flags
 
 logger = logging.getLogger("distill")
@@ -68,13 +69,11 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
         checkpoints.rewind_logs(distiller.global_step)
         say(f"resumed from {checkpoints.resumed_from} at step {distiller.global_step} (epoch {distiller.epoch}, "
             f"batch {distiller.batches_in_epoch})")
-    tb = None
+    trackers = []
     if env.is_main:
-        from tensorboardX import SummaryWriter
-
-        tb = SummaryWriter(logdir=str(dump / TENSORBOARD),
-                           purge_step=checkpoints.tensorboard_purge_step(distiller.global_step))
-        distiller.on_log = lambda record: log_record(checkpoints.metrics_path, tb, record)
+        trackers = open_trackers(cfg.trackers(), dump, cfg.to_dict(),
+                                 checkpoints.tensorboard_purge_step(distiller.global_step))
+        distiller.on_log = lambda record: log_record(checkpoints.metrics_path, trackers, record)
 
     where = f"{env.world_size} processes ({env.backend}, {env.device.type})" if env.enabled else str(env.device)
     say(f"training for {distiller.total_steps} optimizer steps of {cfg.gradient_accumulation_steps} x "
@@ -91,8 +90,8 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
             f"Resume with the same command plus --resume")
         return 0
     finally:
-        if tb is not None:
-            tb.close()
+        for tracker in trackers:
+            tracker.close()
     if env.is_main:
         save_final_student(run.student.model, run.tokenizer, dump)
         say(f"saved the student to {dump} (load it with from_pretrained)")
@@ -111,13 +110,12 @@ def describe(cfg: TrainConfig, run: Run) -> None:
     say(f"teacher: {teacher}; student: {params(run.student.model):,} parameters; losses: {losses}")
 
 
-def log_record(metrics_path: Path, tb, record: dict) -> None:
-    """One log line: appended to metrics.jsonl and sent to TensorBoard."""
+def log_record(metrics_path: Path, trackers: list, record: dict) -> None:
+    """One log line: appended to metrics.jsonl and sent to every tracker of --report_to."""
     write_jsonl(metrics_path, record)
-    for k, v in record.items():
-        if k not in ("step", "epoch", "time") and v is not None:
-            tb.add_scalar(k if k.startswith("loss") else f"train/{k}", v, record["step"])
-    tb.flush()
+    values = scalars(record)
+    for tracker in trackers:
+        tracker.log(values, record["step"])
 
 
 class stop_on_signals:

@@ -4,15 +4,20 @@ Layout of a dataset folder (what ``--dump_file`` writes and ``--data_file`` read
 
     tokens.bin    every sequence's ids back to back, uint16 (vocab <= 65,536) or uint32
     offsets.npy   int64 (num_sequences + 1,): sequence i is tokens[offsets[i]:offsets[i+1]]
-    meta.json     tokenizer, vocab size, special ids, dtype, counts, seed, source
+    mask.bin      chat and prompt/completion data only: one bit per token of tokens.bin (packed,
+                  little-endian bit order), 1 where the token is a completion token
+    meta.json     tokenizer, vocab size, special ids, dtype, counts, seed, source, kind
 
-Each line of the corpus becomes one sequence wrapped in the tokenizer's start and end tokens.
-The corpus is streamed in batches of lines, so memory stays flat however large it is.
+Each line of a text corpus (or ``text`` value of a dataset, :mod:`.sources`) becomes one sequence
+wrapped in the tokenizer's start and end tokens. A chat conversation is its chat template's
+rendering, unwrapped (the template has its own markers; meta.json's ``wrapped`` is false); see
+:mod:`.chat`. The input is streamed in batches, so memory stays flat however large it is.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import hashlib
 import io
@@ -21,7 +26,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +38,7 @@ from distill.hf import quiet_transformers
 
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
+MASK_FILE = "mask.bin"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
@@ -172,6 +178,38 @@ def _init_worker(tokenizer_name: str, tok=None) -> None:
     _worker_wrap = wrapping_ids(_worker_tok)
 
 
+def _encode_records(records: list, dtype_str: str, kind: str, template: bool):
+    """Encode a batch of records of ``kind`` (:mod:`.sources`): (flat ids, lengths, flat completion mask
+    as uint8 or None for text, conversations dropped for having no completion token)."""
+    if kind == "text":
+        return (*_encode_batch(records, dtype_str), None, 0)
+    from distill.data import chat
+
+    start, end = _worker_wrap
+    seqs, masks, dropped = [], [], 0
+    for rec in records:
+        if kind == "messages":
+            ids, mask = chat.encode_conversation(_worker_tok, rec)
+        else:
+            prompt, completion, where = rec
+            if template:
+                ids, mask = chat.encode_conversation(_worker_tok, chat.prompt_completion_messages(prompt, completion,
+                                                                                                 where))
+            elif isinstance(prompt, str) and isinstance(completion, str):
+                ids, mask = chat.encode_plain_pair(_worker_tok, prompt, completion, start, end)
+            else:
+                raise UserError(f"{where}: without a chat template 'prompt' and 'completion' must be strings")
+        if not any(mask):
+            dropped += 1
+            continue
+        seqs.append(ids)
+        masks.append(mask)
+    lengths = np.fromiter((len(ids) for ids in seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter((t for ids in seqs for t in ids), dtype=dtype_str, count=int(lengths.sum()))
+    bits = np.fromiter((b for m in masks for b in m), dtype=np.uint8, count=int(lengths.sum()))
+    return flat, lengths, bits, dropped
+
+
 def _encode_batch(texts: list[str], dtype_str: str) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize a batch of lines; return (flat ids, lengths) ready to append."""
     enc = _worker_tok(texts, add_special_tokens=False, return_attention_mask=False,
@@ -198,6 +236,7 @@ class BinarizeResult:
     num_sequences: int
     num_tokens: int
     seconds: float
+    meta: dict = field(default_factory=dict)
 
 
 def _describe_name(name: str) -> str:
@@ -206,8 +245,8 @@ def _describe_name(name: str) -> str:
     return str(p.resolve()) if p.exists() else str(name)
 
 
-def _batches(lines: Iterator[tuple[str, int]], batch_lines: int) -> Iterator[tuple[list[str], int]]:
-    batch: list[str] = []
+def _batches(lines: Iterator[tuple[object, int]], batch_lines: int) -> Iterator[tuple[list, int]]:
+    batch: list = []
     pos = 0
     for text, pos in lines:
         batch.append(text)
@@ -218,11 +257,25 @@ def _batches(lines: Iterator[tuple[str, int]], batch_lines: int) -> Iterator[tup
         yield batch, pos
 
 
+def text_file_source(path: Path, max_lines: int | None = None):
+    """A text corpus (one document a line, or .jsonl records with a ``text`` field) as a Source."""
+    from distill.data.sources import Source
+
+    check_text_file(path)
+    return Source("text", lambda: iter_lines(path, max_lines), path.stat().st_size, "B",
+                  {"name": path.name, "path": str(path.resolve()), "size": path.stat().st_size})
+
+
 def binarize(
-    file_path: str | Path,
+    file_path: str | Path | None,
     tokenizer_name: str,
     dump_path: str | Path,
     *,
+    dataset: str | None = None,
+    split: str | None = None,
+    text_column: str | None = None,
+    allow_download: bool = False,
+    chat_template: str = "auto",
     tokenizer_type: str = "auto",
     num_workers: int = 1,
     seed: int = 56,
@@ -232,14 +285,27 @@ def binarize(
     overwrite: bool = False,
     progress: bool = True,
 ) -> BinarizeResult:
-    """Binarize ``file_path`` into the dataset folder ``dump_path`` (see the module docstring).
+    """Binarize ``file_path`` (a text corpus) or ``dataset`` (what :mod:`.sources` reads) into the
+    dataset folder ``dump_path`` (see the module docstring).
 
     With ``shuffle`` (the default, as DistilBERT's script did) the sequences are stored in an order
     drawn from ``seed``; the output is identical for a seed whatever ``num_workers`` is.
+    ``chat_template`` (prompt/completion data): "auto" renders pairs with the tokenizer's chat
+    template when it has one, "none" joins them plain.
     """
-    src = Path(file_path)
+    from distill.data.sources import dataset_source
+
+    if (file_path is None) == (dataset is None):
+        raise UserError("give one of --file_path (a text file) and --dataset (what the datasets library reads)")
+    if chat_template not in ("auto", "none"):
+        raise UserError("--chat_template must be auto or none")
     dst = Path(dump_path)
-    check_text_file(src)
+    if file_path is not None:
+        src_name = str(file_path)
+        source = text_file_source(Path(file_path), max_lines)
+    else:
+        src_name = str(dataset)
+        source = dataset_source(dataset, split, text_column, allow_download, max_lines)
     if dst.exists() and not overwrite:
         raise UserError(f"{dst} already exists; pass --overwrite to replace it, or choose another --dump_file")
     if dst.exists() and not dst.is_dir():
@@ -248,6 +314,11 @@ def binarize(
     start_id, end_id = wrapping_ids(tok)
     vocab_size = len(tok)
     dtype = token_dtype(vocab_size)
+    has_template = bool(getattr(tok, "chat_template", None))
+    if source.kind == "messages" and not has_template:
+        raise UserError(f"the tokenizer at {tokenizer_name} has no chat template, which a 'messages' column needs")
+    template = source.kind == "messages" or (source.kind == "prompt_completion" and has_template
+                                             and chat_template == "auto")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
@@ -255,12 +326,19 @@ def binarize(
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
-        n_seq, n_tok = _write_tokens(src, tokenizer_name, tok, tmp, dtype, num_workers, max_lines,
-                                     batch_lines, progress)
+        written = _write_tokens(source, tokenizer_name, tok, tmp, dtype, num_workers, batch_lines, progress,
+                                template)
+        n_seq, n_tok = written.sequences, written.tokens
         if n_seq == 0:
-            raise UserError(f"{src} holds no text (every line is blank)")
+            if written.dropped:
+                raise UserError(f"{src_name} holds no example with a completion token ({written.dropped:,} dropped)")
+            raise UserError(f"{src_name} holds no text (every line is blank)")
+        masked = source.kind != "text"
         if shuffle:
-            _shuffle_in_place(tmp, dtype, seed)
+            _shuffle_in_place(tmp, [(TOKENS_FILE, dtype)] + ([(MASK_BYTES, np.dtype(np.uint8))] if masked else []),
+                              seed)
+        if masked:
+            _pack_mask(tmp)
         meta = {
             "format_version": FORMAT_VERSION,
             "tokenizer_name": _describe_name(tokenizer_name),
@@ -276,32 +354,56 @@ def binarize(
             "num_tokens": n_tok,
             "seed": seed,
             "shuffled": shuffle,
-            "source": {"name": src.name, "path": str(src.resolve()), "size": src.stat().st_size},
+            "source": source.record,
             "max_lines": max_lines,
+            "kind": source.kind,
+            # Chat renders carry their own markers; text and plain prompt/completion pairs are wrapped.
+            "wrapped": not template,
+            "loss_mask": masked,
+            "completion_tokens": written.completion_tokens if masked else None,
+            "dropped_no_completion": written.dropped,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         publish_folder(tmp, dst)  # --overwrite: the old folder goes only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BinarizeResult(dst, n_seq, n_tok, time.perf_counter() - t0)
+    return BinarizeResult(dst, n_seq, n_tok, time.perf_counter() - t0, meta)
 
 
-def _write_tokens(src: Path, tokenizer_name: str, tok, out_dir: Path, dtype: np.dtype, num_workers: int,
-                  max_lines: int | None, batch_lines: int, progress: bool) -> tuple[int, int]:
+@dataclass
+class _Written:
+    sequences: int
+    tokens: int
+    completion_tokens: int
+    dropped: int  # examples without a completion token
+
+
+MASK_BYTES = "mask.u8"  # a byte per token while writing; packed into MASK_FILE at the end
+
+
+def _write_tokens(source, tokenizer_name: str, tok, out_dir: Path, dtype: np.dtype, num_workers: int,
+                  batch_lines: int, progress: bool, template: bool) -> _Written:
     from tqdm import tqdm
 
-    total = src.stat().st_size
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="binarizing", disable=not progress)
+    unit_scale = source.unit == "B"
+    bar = tqdm(total=source.total, unit=source.unit, unit_scale=unit_scale, desc="binarizing", disable=not progress)
     lengths_chunks: list[np.ndarray] = []
-    n_tok = 0
-    batches = _batches(iter_lines(src, max_lines), batch_lines)
+    n_tok = completion = dropped = 0
+    batches = _batches(source.rows(), batch_lines)
     done_bytes = 0
+    masked = source.kind != "text"
+    args = (dtype.name, source.kind, template)
 
-    with open(out_dir / TOKENS_FILE, "wb") as fout:
-        def consume(flat: np.ndarray, lengths: np.ndarray, pos: int) -> None:
-            nonlocal n_tok, done_bytes
+    with open(out_dir / TOKENS_FILE, "wb") as fout, \
+            (open(out_dir / MASK_BYTES, "wb") if masked else contextlib.nullcontext()) as fmask:
+        def consume(flat: np.ndarray, lengths: np.ndarray, bits: np.ndarray | None, lost: int, pos: int) -> None:
+            nonlocal n_tok, done_bytes, completion, dropped
             fout.write(flat.tobytes())
+            if bits is not None:
+                fmask.write(bits.tobytes())
+                completion += int(bits.sum())
+            dropped += lost
             lengths_chunks.append(lengths)
             n_tok += len(flat)
             bar.update(pos - done_bytes)
@@ -309,16 +411,16 @@ def _write_tokens(src: Path, tokenizer_name: str, tok, out_dir: Path, dtype: np.
 
         if num_workers <= 1:
             _init_worker(tokenizer_name, tok)  # in this process, with the tokenizer already loaded
-            for texts, pos in batches:
-                consume(*_encode_batch(texts, dtype.name), pos)
+            for records, pos in batches:
+                consume(*_encode_records(records, *args), pos)
         else:
             # A bounded window of pending batches, consumed in order: memory stays flat and the
             # output does not depend on scheduling (Pool.imap would read the whole corpus ahead).
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
                 pending: collections.deque = collections.deque()
-                for texts, pos in batches:
-                    pending.append((pool.apply_async(_encode_batch, (texts, dtype.name)), pos))
+                for records, pos in batches:
+                    pending.append((pool.apply_async(_encode_records, (records, *args)), pos))
                     if len(pending) >= 2 * num_workers:
                         res, p = pending.popleft()
                         consume(*res.get(), p)
@@ -330,19 +432,42 @@ def _write_tokens(src: Path, tokenizer_name: str, tok, out_dir: Path, dtype: np.
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     np.save(out_dir / OFFSETS_FILE, offsets)
-    return len(lengths), n_tok
+    return _Written(len(lengths), n_tok, completion, dropped)
 
 
-def _shuffle_in_place(folder: Path, dtype: np.dtype, seed: int, block_tokens: int = 1 << 20) -> None:
-    """Rewrite tokens.bin with its sequences in a seeded random order, a block at a time."""
+def _pack_mask(folder: Path, block: int = 1 << 23) -> None:
+    """mask.u8 (a byte per token) -> mask.bin (a bit per token), a block at a time."""
+    src = np.fromfile(folder / MASK_BYTES, dtype=np.uint8, count=0)  # an empty file cannot be memory-mapped
+    if (folder / MASK_BYTES).stat().st_size:
+        src = np.memmap(folder / MASK_BYTES, dtype=np.uint8, mode="r")
+    with open(folder / MASK_FILE, "wb") as f:
+        for b in range(0, len(src), block):  # block is a multiple of 8: the bytes line up
+            f.write(np.packbits(np.asarray(src[b:b + block]), bitorder="little").tobytes())
+    del src
+    (folder / MASK_BYTES).unlink()
+
+
+def _shuffle_in_place(folder: Path, files: list[tuple[str, np.dtype]], seed: int, block_tokens: int = 1 << 20) -> None:
+    """Rewrite each per-token file (tokens.bin, the mask) with its sequences in a seeded random
+    order, a block at a time."""
+    for name, dtype in files:
+        _shuffle_file(folder, name, dtype, seed, block_tokens)
+    offsets = np.load(folder / OFFSETS_FILE)
+    lengths = np.diff(offsets)[np.random.default_rng(seed).permutation(len(offsets) - 1)]
+    new_offsets = np.zeros(len(offsets), dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    np.save(folder / OFFSETS_FILE, new_offsets)
+
+
+def _shuffle_file(folder: Path, name: str, dtype: np.dtype, seed: int, block_tokens: int) -> None:
     offsets = np.load(folder / OFFSETS_FILE)
     n = len(offsets) - 1
     order = np.random.default_rng(seed).permutation(n)
     lengths = np.diff(offsets)[order]
     new_offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
-    src = np.memmap(folder / TOKENS_FILE, dtype=dtype, mode="r")
-    tmp_path = folder / (TOKENS_FILE + ".shuffled")
+    src = np.memmap(folder / name, dtype=dtype, mode="r")
+    tmp_path = folder / (name + ".shuffled")
     with open(tmp_path, "wb") as fout:
         i = 0
         while i < n:
@@ -358,8 +483,7 @@ def _shuffle_in_place(folder: Path, dtype: np.dtype, seed: int, block_tokens: in
             fout.write(np.asarray(src[idx]).tobytes())
             i = j
     del src
-    os.replace(tmp_path, folder / TOKENS_FILE)
-    np.save(folder / OFFSETS_FILE, new_offsets)
+    os.replace(tmp_path, folder / name)
 
 
 # ----------------------------------------------------------------------------------------------

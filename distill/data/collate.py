@@ -34,13 +34,16 @@ class Collator:
     HF causal models shift the labels themselves). Without ``mlm`` or ``causal`` there are no labels.
 
     With a teacher ``cache`` (CLM), each position's cached top-k rows come too (:meth:`cached_rows`).
+    With ``completion_only`` (CLM on data with a completion mask), labels keep only completion tokens,
+    and ``target_mask`` (B, L) marks the positions whose next token is one: the soft-target losses'.
 
     Set ``epoch`` before each epoch: it is part of the masking seed.
     """
 
     def __init__(self, pad_id: int, *, mlm: bool = False, causal: bool = False, mask_id: int | None = None,
                  token_probs: np.ndarray | None = None, mlm_mask_prop: float = 0.15, word_mask: float = 0.8,
-                 word_keep: float = 0.1, word_rand: float = 0.1, seed: int = 0, cache=None):
+                 word_keep: float = 0.1, word_rand: float = 0.1, seed: int = 0, cache=None,
+                 completion_only: bool = False):
         if mlm and causal:
             raise ValueError("a batch is either masked (MLM) or causal (CLM), not both")
         if mlm:
@@ -64,6 +67,9 @@ class Collator:
         if cache is not None and not causal:
             raise ValueError("a teacher cache goes with causal batches")
         self.cache = cache  # a distill.teacher_cache.TeacherCache, or None
+        if completion_only and not causal:
+            raise ValueError("a completion-only loss goes with causal batches")
+        self.completion_only = completion_only
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in examples]
@@ -71,6 +77,7 @@ class Collator:
         input_ids = np.full((B, L), self.pad_id, dtype=np.int64)
         attention = np.zeros((B, L), dtype=np.int64)
         labels = np.full((B, L), IGNORE_INDEX, dtype=np.int64) if (self.mlm or self.causal) else None
+        targets = np.zeros((B, L), dtype=bool) if self.completion_only else None
         for b, (e, n) in enumerate(zip(examples, lengths)):
             ids = e["input_ids"]
             attention[b, :n] = 1
@@ -78,7 +85,11 @@ class Collator:
                 input_ids[b, :n], labels[b, :n] = self.mask_sequence(ids, e["index"])
             else:
                 input_ids[b, :n] = ids
-                if self.causal:
+                if self.completion_only:  # the loss only where the next token is a completion token
+                    keep = e["loss_mask"].astype(bool)
+                    labels[b, :n] = np.where(keep, ids, IGNORE_INDEX)
+                    targets[b, :n - 1] = keep[1:]
+                elif self.causal:
                     labels[b, :n] = ids
         out = {
             "input_ids": torch.from_numpy(input_ids),
@@ -87,6 +98,8 @@ class Collator:
         }
         if labels is not None:
             out["labels"] = torch.from_numpy(labels)
+        if targets is not None:
+            out["target_mask"] = torch.from_numpy(targets)
         if self.cache is not None:
             out.update(self.cached_rows(examples, L))
         return out

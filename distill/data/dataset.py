@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,11 +27,14 @@ class DatasetStats:
     dropped_short: int  # examples of fewer than min_length tokens
     dropped_unk: int  # examples at least max_unk_fraction unknown tokens
     examples: int  # what is left
+    dropped_no_completion: int = 0  # chat data: examples (chunks) with no completion token to predict
 
     def summary(self) -> str:
+        no_completion = (f", {self.dropped_no_completion:,} dropped for having no completion token"
+                         if self.dropped_no_completion else "")
         return (f"{self.sequences:,} sequences: {self.split:,} split into chunks, "
-                f"{self.dropped_short:,} dropped as short, {self.dropped_unk:,} dropped as mostly unknown; "
-                f"{self.examples:,} examples")
+                f"{self.dropped_short:,} dropped as short, {self.dropped_unk:,} dropped as mostly unknown"
+                f"{no_completion}; {self.examples:,} examples")
 
 
 class LMSeqsDataset(torch.utils.data.Dataset):
@@ -42,8 +46,14 @@ class LMSeqsDataset(torch.utils.data.Dataset):
     tokens (DistilBERT dropped 11 or fewer) and those whose share of unknown tokens is at least
     ``max_unk_fraction`` are dropped.
 
-    ``dataset[i]`` is ``{"index": i, "input_ids": int64 array}``; the index seeds the example's
-    masking, so it is the same however the example is batched.
+    Chat renders (meta.json's ``wrapped`` false) are cut into chunks of ``max_model_input_size``
+    tokens as they are, with no added tokens. With a completion mask (meta.json's ``loss_mask``), each
+    token keeps its bit through the cut, and chunks in which no token after the first is a completion
+    token (nothing to predict) are dropped too.
+
+    ``dataset[i]`` is ``{"index": i, "input_ids": int64 array}``, plus ``"loss_mask"`` (uint8, the
+    same length) with a completion mask; the index seeds the example's masking, so it is the same
+    however the example is batched.
     """
 
     def __init__(self, data_file: str, max_model_input_size: int = 512, min_length: int = 12,
@@ -57,16 +67,20 @@ class LMSeqsDataset(torch.utils.data.Dataset):
         self.max_len = max_model_input_size
 
         n_seq = len(offsets) - 1
-        content_start = offsets[:-1] + 1  # skip the start token
-        content_len = np.diff(offsets) - 2
-        per_chunk = max_model_input_size - 2
+        self.wrapped = bool(self.meta.get("wrapped", True))
+        extra = 2 if self.wrapped else 0  # start and end tokens around each chunk
+        content_start = offsets[:-1] + extra // 2  # skip the start token
+        content_len = np.diff(offsets) - extra
+        per_chunk = max_model_input_size - extra
         n_chunks = np.maximum(1, -(-content_len // per_chunk))  # ceil, at least one
         seq_of = np.repeat(np.arange(n_seq), n_chunks)
         first_chunk = np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
         k = np.arange(len(seq_of)) - first_chunk  # chunk number inside its sequence
         starts = content_start[seq_of] + k * per_chunk
         lens = np.minimum(per_chunk, content_len[seq_of] - k * per_chunk)
-        lengths = lens + 2
+        lengths = lens + extra
+        # The real end token (a chat sequence has none added): the stored one, after a sequence's last chunk.
+        last_chunk = k == n_chunks[seq_of] - 1
 
         keep_len = lengths >= min_length
         unk_id = self.meta["special_token_ids"].get("unk_token")
@@ -76,27 +90,54 @@ class LMSeqsDataset(torch.utils.data.Dataset):
         else:
             keep_unk = np.ones(len(starts), dtype=bool)
         keep = keep_len & keep_unk
-        self.starts = starts[keep].astype(np.int64)
-        self.content_lengths = lens[keep].astype(np.int64)
-        self.lengths = lengths[keep].astype(np.int64)
+        self.mask_bits = None
+        keep_completion = np.ones(len(starts), dtype=bool)
+        if self.meta.get("loss_mask"):
+            self.mask_bits = open_mask(data_file, int(self.meta["num_tokens"]))
+            # Targets of a chunk: every content token and the real end token (wrapped), every token but
+            # the first (chat: its first token's predecessor is in the previous chunk).
+            if self.wrapped:
+                hits = count_bits(self.mask_bits, starts, lens)
+                ends = starts + lens  # the position of the stored end token, after a last chunk
+                hits += np.where(last_chunk, count_bits(self.mask_bits, ends, np.ones_like(ends)), 0)
+            else:
+                hits = count_bits(self.mask_bits, starts + 1, lens - 1)
+            keep_completion = hits > 0
+        self.last_chunk = last_chunk[keep & keep_completion]
+        kept = keep & keep_completion
+        self.starts = starts[kept].astype(np.int64)
+        self.content_lengths = lens[kept].astype(np.int64)
+        self.lengths = lengths[kept].astype(np.int64)
         self.stats = DatasetStats(
             sequences=n_seq, split=int((n_chunks > 1).sum()), chunks=len(starts),
             dropped_short=int((~keep_len).sum()), dropped_unk=int((keep_len & ~keep_unk).sum()),
-            examples=int(keep.sum()))
+            examples=int(kept.sum()), dropped_no_completion=int((keep & ~keep_completion).sum()))
         if self.stats.examples == 0:
             raise UserError(f"no example of {data_file} is left after dropping sequences shorter than "
-                            f"{min_length} tokens or mostly unknown tokens")
+                            f"{min_length} tokens, mostly unknown tokens or without a completion token")
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> dict:
         s, n = int(self.starts[i]), int(self.content_lengths[i])
+        if not self.wrapped:
+            out = {"index": int(i), "input_ids": np.asarray(self.tokens[s:s + n], dtype=np.int64)}
+            if self.mask_bits is not None:
+                out["loss_mask"] = bits_of(self.mask_bits, s, n)
+            return out
         ids = np.empty(n + 2, dtype=np.int64)
         ids[0] = self.start_id
         ids[1:-1] = self.tokens[s:s + n]
         ids[-1] = self.end_id
-        return {"index": int(i), "input_ids": ids}
+        out = {"index": int(i), "input_ids": ids}
+        if self.mask_bits is not None:
+            mask = np.zeros(n + 2, dtype=np.uint8)
+            mask[1:-1] = bits_of(self.mask_bits, s, n)
+            if self.last_chunk[i]:  # the stored end token is this chunk's; an added one is never a completion
+                mask[-1] = bits_of(self.mask_bits, s + n, 1)[0]
+            out["loss_mask"] = mask
+        return out
 
     def max_token_id(self, block: int = 1 << 24) -> int:
         """Largest id stored in the corpus (a scan of the memory map, a block at a time)."""
@@ -104,6 +145,49 @@ class LMSeqsDataset(torch.utils.data.Dataset):
         for b in range(0, len(self.tokens), block):
             m = max(m, int(self.tokens[b:b + block].max()))
         return m
+
+
+def open_mask(data_file: str, num_tokens: int) -> np.ndarray:
+    """The completion mask of a dataset folder, memory-mapped: one bit per token, packed."""
+    from distill.data.binarize import MASK_FILE
+
+    path = Path(data_file) / MASK_FILE
+    want = (num_tokens + 7) // 8
+    if not path.is_file() or path.stat().st_size != want:
+        raise UserError(f"{path} is missing or truncated; binarize the dataset again")
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=(want,))
+
+
+def bits_of(packed: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Bits start..start+n-1 of a packed (little-endian bit order) mask, as uint8 0/1."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.uint8)
+    b0, b1 = start // 8, (start + n + 7) // 8
+    bits = np.unpackbits(np.asarray(packed[b0:b1]), bitorder="little")
+    off = start - 8 * b0
+    return bits[off:off + n]
+
+
+def count_bits(packed: np.ndarray, starts: np.ndarray, lens: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """How many set bits each range [starts[i], starts[i] + lens[i]) of a packed mask holds (streamed,
+    a block of bytes at a time)."""
+    lens = np.maximum(lens, 0)
+    points = np.concatenate([starts, starts + lens])
+    uniq, inverse = np.unique(points, return_inverse=True)
+    c_at = np.zeros(len(uniq), dtype=np.int64)
+    total = 0
+    n_bits = 8 * len(packed)
+    lo = int(np.searchsorted(uniq, 0, side="right"))
+    for byte0 in range(0, len(packed), block):
+        bits = np.unpackbits(np.asarray(packed[byte0:byte0 + block]), bitorder="little")
+        b0, b1 = 8 * byte0, min(8 * byte0 + len(bits), n_bits)
+        cum = np.cumsum(bits, dtype=np.int64)
+        hi = int(np.searchsorted(uniq, b1, side="right"))
+        c_at[lo:hi] = total + cum[uniq[lo:hi] - b0 - 1]
+        total += int(cum[-1])
+        lo = hi
+    counts = c_at[inverse]
+    return counts[len(starts):] - counts[:len(starts)]
 
 
 def count_in_ranges(tokens: np.ndarray, value: int, starts: np.ndarray, lens: np.ndarray,

@@ -191,6 +191,21 @@ def kjv_chapters(dest: Path, verse_range: str) -> Path:
     return dest
 
 
+def kjv_verses(dest: Path, verse_range: str) -> Path:
+    """Write the King James Bible's ``verse_range`` to ``dest``, one verse per line (no reference),
+    unless it is already there."""
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    if shutil.which("bible") is None:
+        _install_bible_kjv()
+    r = subprocess.run(["bible", "-f", verse_range], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise UserError(f"the bible program printed no text for {verse_range!r} ({r.stderr.strip() or r.returncode})")
+    verses = [line.split(" ", 1)[1].strip() for line in r.stdout.splitlines() if " " in line]
+    _write_text(dest, "".join(v + "\n" for v in verses if v))
+    return dest
+
+
 def _janeaustenr_data(cache: Path) -> Path:
     """The ``data/`` folder of janeaustenr: installed, or unpacked from its Debian package into
     ``cache`` (``apt-get download`` + ``dpkg-deb -x``: no R and none of its 700 dependencies)."""

@@ -72,6 +72,51 @@ def gpt2_style_tokenizer(folder: Path, words: list[str]) -> Path:
     return folder
 
 
+# A ChatML template (SmolLM2's layout, without its default system prompt); the second one marks the
+# assistant's output, end-of-turn token included, for transformers' return_assistant_tokens_mask.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_MARKED = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                 "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+                 "{% endgeneration %}{{ '\\n' }}{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+                 "message['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chat_tokenizer(folder: Path, words: list[str], template: str = CHATML) -> Path:
+    """The word-level tokenizer of :func:`gpt2_style_tokenizer` with ChatML's special tokens and a chat
+    template; bos and eos are <|endoftext|>, as in SmolLM2."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    roles = [r for r in ("system", "user", "assistant") if r not in words]
+    vocab = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"] + roles + list(words)
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.normalizer = normalizers.Lowercase()
+    core.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return folder
+
+
+def chat_rows(text: str, turns: int = 2) -> list[dict]:
+    """Multi-turn conversations from a text, one sentence a turn: the user says a sentence, the
+    assistant answers with the next one, ``turns`` times per conversation."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    rows = []
+    for i in range(0, len(sentences) - 2 * turns, 2 * turns):
+        msgs = []
+        for t in range(turns):
+            msgs.append({"role": "user", "content": sentences[i + 2 * t]})
+            msgs.append({"role": "assistant", "content": sentences[i + 2 * t + 1]})
+        rows.append({"messages": msgs})
+    return rows
+
+
 def teacher(kind: str, folder: Path, tok_dir: Path, dropout: float = 0.1) -> Path:
     """A 4-layer, 32-wide BERT (mlm) or GPT-2 (clm) with dropout, saved with its tokenizer."""
     import torch
