@@ -15,7 +15,6 @@ copied: its identity (path, weight file sizes, config hash) is recorded and chec
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from distill.errors import UserError, note
-from distill.fileio import write_atomic, write_error
+from distill.fileio import sha256_file, write_atomic, write_error
 from distill.testing.faults import kill_point
 
 CHECKPOINTS = "checkpoints"
@@ -50,19 +49,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path, block: int = 1 << 24) -> str:
-    """The file's sha256 (hex), read a block at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_identity(data_file: str) -> dict:
     folder = Path(data_file)
     return {"path": str(folder.resolve()), "tokens_bytes": (folder / "tokens.bin").stat().st_size,
-            "meta_sha256": _sha256(folder / "meta.json")[:16]}
+            "meta_sha256": sha256_file(folder / "meta.json")[:16]}
 
 
 def teacher_identity(teacher_name: str) -> dict:
@@ -71,7 +61,7 @@ def teacher_identity(teacher_name: str) -> dict:
         return {"path": str(p.resolve()), "bytes": p.stat().st_size}
     weights = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
     return {"path": str(p.resolve()), "weights": {f.name: f.stat().st_size for f in weights},
-            "config_sha256": _sha256(p / "config.json")[:16] if (p / "config.json").is_file() else None}
+            "config_sha256": sha256_file(p / "config.json")[:16] if (p / "config.json").is_file() else None}
 
 
 def run_teacher_identity(cfg) -> dict:
@@ -101,7 +91,7 @@ def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int) -
         kill_point(f"during_checkpoint_write_{step}")
         # The state's checksum: a file damaged later (a bad disk, a copy cut short) is caught on resume;
         # torch.load alone reads damaged tensor bytes without complaint.
-        meta = {**meta, "state_sha256": _sha256(tmp / STATE)}
+        meta = {**meta, "state_sha256": sha256_file(tmp / STATE)}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         for f in (tmp / STATE, tmp / META):
             with open(f, "rb") as fh:
@@ -151,7 +141,7 @@ class CorruptCheckpoint(Exception):
 def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     meta = json.loads((folder / META).read_text())
     expected = meta.get("state_sha256")
-    if expected is not None and _sha256(folder / STATE) != expected:
+    if expected is not None and sha256_file(folder / STATE) != expected:
         raise CorruptCheckpoint(f"{folder / STATE} does not match its checksum")
     state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
     return state, meta

@@ -72,6 +72,17 @@ def staged_folder(dest: Path) -> Iterator[Path]:
         raise
 
 
+def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
+    """The file's sha256 (hex), read a block at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_error(e: BaseException, folder: Path | None = None) -> str:
     """A short reason for a failed write: errno's words where there are some, else what the machine
     says (torch.save reports a failed write only as an internal assertion)."""

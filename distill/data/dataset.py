@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -168,46 +169,40 @@ def bits_of(packed: np.ndarray, start: int, n: int) -> np.ndarray:
     return bits[off:off + n]
 
 
-def count_bits(packed: np.ndarray, starts: np.ndarray, lens: np.ndarray, block: int = 1 << 20) -> np.ndarray:
-    """How many set bits each range [starts[i], starts[i] + lens[i]) of a packed mask holds (streamed,
-    a block of bytes at a time)."""
+def range_counts(blocks: Iterator[tuple[int, np.ndarray]], starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The sum of a 0/1 sequence over each range [starts[i], starts[i] + lens[i]), the sequence given as
+    consecutive blocks ``(offset, values)``.
+
+    Vectorised: a running count C(x) = sum of the values before x is evaluated at every range
+    boundary, a block at a time, so memory is bounded by the block size.
+    """
     lens = np.maximum(lens, 0)
     points = np.concatenate([starts, starts + lens])
     uniq, inverse = np.unique(points, return_inverse=True)
     c_at = np.zeros(len(uniq), dtype=np.int64)
     total = 0
-    n_bits = 8 * len(packed)
-    lo = int(np.searchsorted(uniq, 0, side="right"))
-    for byte0 in range(0, len(packed), block):
-        bits = np.unpackbits(np.asarray(packed[byte0:byte0 + block]), bitorder="little")
-        b0, b1 = 8 * byte0, min(8 * byte0 + len(bits), n_bits)
-        cum = np.cumsum(bits, dtype=np.int64)
-        hi = int(np.searchsorted(uniq, b1, side="right"))
+    lo = int(np.searchsorted(uniq, 0, side="right"))  # first point not yet resolved; C(0) = 0
+    for b0, values in blocks:
+        cum = np.cumsum(values, dtype=np.int64)
+        hi = int(np.searchsorted(uniq, b0 + len(values), side="right"))
         c_at[lo:hi] = total + cum[uniq[lo:hi] - b0 - 1]
         total += int(cum[-1])
         lo = hi
     counts = c_at[inverse]
     return counts[len(starts):] - counts[:len(starts)]
+
+
+def count_bits(packed: np.ndarray, starts: np.ndarray, lens: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """How many set bits each range [starts[i], starts[i] + lens[i]) of a packed mask holds (streamed,
+    ``block`` bytes at a time)."""
+    blocks = ((8 * b, np.unpackbits(np.asarray(packed[b:b + block]), bitorder="little"))
+              for b in range(0, len(packed), block))
+    return range_counts(blocks, starts, lens)
 
 
 def count_in_ranges(tokens: np.ndarray, value: int, starts: np.ndarray, lens: np.ndarray,
                     block: int = 1 << 22) -> np.ndarray:
-    """How many times ``value`` occurs in each ``tokens[starts[i]:starts[i] + lens[i]]``.
-
-    Vectorised: a running count C(x) = #value in tokens[:x] is evaluated at every range boundary,
-    streaming over the memory map a block at a time, so memory is bounded by the block size.
-    """
-    points = np.concatenate([starts, starts + lens])
-    uniq, inverse = np.unique(points, return_inverse=True)
-    c_at = np.zeros(len(uniq), dtype=np.int64)
-    total = 0
-    lo = int(np.searchsorted(uniq, 0, side="right"))  # first point not yet resolved; C(0) = 0
-    for b0 in range(0, len(tokens), block):
-        b1 = min(b0 + block, len(tokens))
-        cum = np.cumsum(np.asarray(tokens[b0:b1]) == value, dtype=np.int64)
-        hi = int(np.searchsorted(uniq, b1, side="right"))
-        c_at[lo:hi] = total + cum[uniq[lo:hi] - b0 - 1]
-        total += int(cum[-1])
-        lo = hi
-    counts = c_at[inverse]
-    return counts[len(starts):] - counts[:len(starts)]
+    """How many times ``value`` occurs in each ``tokens[starts[i]:starts[i] + lens[i]]`` (streamed over
+    the memory map, ``block`` tokens at a time)."""
+    blocks = ((b, np.asarray(tokens[b:b + block]) == value) for b in range(0, len(tokens), block))
+    return range_counts(blocks, starts, lens)

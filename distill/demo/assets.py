@@ -48,19 +48,29 @@ def _install_bible_kjv() -> None:
             raise UserError(f"'{' '.join(cmd)}' failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
 
 
-def kjv_corpus(dest: Path) -> Path:
-    """Write the King James Bible to ``dest`` (one verse per line) unless it is already there."""
-    if dest.is_file() and dest.stat().st_size > 0:
-        return dest
+def _bible(verse_range: str) -> list[tuple[str, str]]:
+    """(reference, verse) for each verse of ``verse_range`` (``bible -f`` syntax), from Debian's bible-kjv."""
     if shutil.which("bible") is None:
         _install_bible_kjv()
-    r = subprocess.run(["bible", "-f", KJV_RANGE], capture_output=True, text=True)
-    if r.returncode != 0 or not r.stdout:
-        raise UserError(f"the bible program printed no text ({r.stderr.strip() or r.returncode})")
-    # Each line is "Ge1:1 In the beginning ..."; keep the verse text.
-    verses = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if " " in line]
-    _write_text(dest, "\n".join(verses) + "\n")
+    r = subprocess.run(["bible", "-f", verse_range], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise UserError(f"the bible program printed no text for {verse_range!r} ({r.stderr.strip() or r.returncode})")
+    # Each line is "Ge1:1 In the beginning ..."
+    return [tuple(line.split(" ", 1)) for line in r.stdout.splitlines() if " " in line]
+
+
+def kjv_verses(dest: Path, verse_range: str, strip: bool = True) -> Path:
+    """Write the King James Bible's ``verse_range`` to ``dest``, one verse per line (no reference;
+    some verses end in a space unless ``strip``), unless it is already there."""
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    _write_text(dest, "\n".join(v.strip() if strip else v for _, v in _bible(verse_range)) + "\n")
     return dest
+
+
+def kjv_corpus(dest: Path) -> Path:
+    """Write the King James Bible to ``dest`` (one verse per line) unless it is already there."""
+    return kjv_verses(dest, KJV_RANGE, strip=False)  # as the MLM demo's figures were measured
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,38 +181,15 @@ def kjv_chapters(dest: Path, verse_range: str) -> Path:
     """
     if dest.is_file() and dest.stat().st_size > 0:
         return dest
-    if shutil.which("bible") is None:
-        _install_bible_kjv()
-    r = subprocess.run(["bible", "-f", verse_range], capture_output=True, text=True)
-    if r.returncode != 0 or not r.stdout.strip():
-        raise UserError(f"the bible program printed no text for {verse_range!r} ({r.stderr.strip() or r.returncode})")
     chapters: list[list[str]] = []
     current = None
-    for line in r.stdout.splitlines():
-        if " " not in line:
-            continue
-        ref, verse = line.split(" ", 1)  # "Gen1:1 In the beginning ..."
+    for ref, verse in _bible(verse_range):
         chapter = ref.split(":", 1)[0]
         if chapter != current:
             chapters.append([])
             current = chapter
         chapters[-1].append(verse.strip())
     _write_text(dest, "".join(" ".join(c) + "\n" for c in chapters))
-    return dest
-
-
-def kjv_verses(dest: Path, verse_range: str) -> Path:
-    """Write the King James Bible's ``verse_range`` to ``dest``, one verse per line (no reference),
-    unless it is already there."""
-    if dest.is_file() and dest.stat().st_size > 0:
-        return dest
-    if shutil.which("bible") is None:
-        _install_bible_kjv()
-    r = subprocess.run(["bible", "-f", verse_range], capture_output=True, text=True)
-    if r.returncode != 0 or not r.stdout.strip():
-        raise UserError(f"the bible program printed no text for {verse_range!r} ({r.stderr.strip() or r.returncode})")
-    verses = [line.split(" ", 1)[1].strip() for line in r.stdout.splitlines() if " " in line]
-    _write_text(dest, "".join(v + "\n" for v in verses if v))
     return dest
 
 

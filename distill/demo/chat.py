@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -80,20 +79,6 @@ def write_chat_sets(assets_dir: Path, run_dir: Path):
     print(f"   {n['chat_train']:,} training conversations ({TRAIN_RANGE}) in {paths['chat_train']}; "
           f"{n['chat_held_out']:,} held out ({HELD_OUT_RANGE}) in {paths['chat_held_out']}")
     return paths, True
-
-
-def binarize_chats(train: Path, teacher_dir: Path, data: Path):
-    from distill.data.binarize import binarize, read_meta
-
-    if data.exists():
-        meta = read_meta(data)
-        print(f"   reusing {data}: {meta['num_sequences']:,} conversations, {meta['num_tokens']:,} tokens")
-        return None, False
-    res = binarize(None, str(teacher_dir), data, dataset=str(train), num_workers=min(2, os.cpu_count() or 1),
-                   progress=False)
-    print(f"   wrote {res.num_sequences:,} conversations, {res.num_tokens:,} tokens "
-          f"({res.meta['completion_tokens']:,} of them completion tokens) in {res.seconds:.1f}s to {res.path}")
-    return None, True
 
 
 @torch.inference_mode()
@@ -186,8 +171,8 @@ def main(argv=None) -> int:
     stages.run("teacher: GGUF -> safetensors", clm.get_teacher, gguf_folder, gguf_name, teacher_dir)
     stages.run("extract the student", clm.extract_student, teacher_dir, student_init)
     paths = stages.run("chat sets from the KJV", write_chat_sets, assets_dir, run_dir)
-    stages.run("binarize (messages -> the chat template, completion mask)", binarize_chats, paths["chat_train"],
-               teacher_dir, data)
+    stages.run("binarize (messages -> the chat template, completion mask)", clm.binarize_corpus, paths["chat_train"],
+               teacher_dir, data, "conversations", True)
     train_recipe = replace(clm.QUICK if args.quick else clm.FULL, max_steps=recipe.max_steps,
                            batch_size=recipe.batch_size, accumulation=recipe.accumulation, max_len=recipe.max_len,
                            checkpoint_interval=max(1, recipe.max_steps // 2))

@@ -251,16 +251,20 @@ def get_teacher(gguf_folder: Path, gguf_name: str, teacher_dir: Path):
     return None, True
 
 
-def binarize_corpus(corpus: Path, teacher_dir: Path, data: Path):
-    """The whole corpus takes seconds, so the quick recipe shares it."""
+def binarize_corpus(corpus: Path, teacher_dir: Path, data: Path, what: str = "chapters", dataset: bool = False):
+    """The whole corpus takes seconds, so the quick recipe shares it. ``dataset``: ``corpus`` is read
+    as ``--dataset`` (the chat example's jsonl of conversations)."""
     from distill.data.binarize import binarize, read_meta
 
     if data.exists():
         meta = read_meta(data)
-        print(f"   reusing {data}: {meta['num_sequences']:,} chapters, {meta['num_tokens']:,} tokens")
+        print(f"   reusing {data}: {meta['num_sequences']:,} {what}, {meta['num_tokens']:,} tokens")
         return None, False
-    res = binarize(corpus, str(teacher_dir), data, num_workers=min(2, os.cpu_count() or 1), progress=False)
-    print(f"   wrote {res.num_sequences:,} chapters, {res.num_tokens:,} tokens in {res.seconds:.1f}s to {res.path}")
+    res = binarize(None if dataset else corpus, str(teacher_dir), data, dataset=str(corpus) if dataset else None,
+                   num_workers=min(2, os.cpu_count() or 1), progress=False)
+    masked = f" ({res.meta['completion_tokens']:,} of them completion tokens)" if res.meta.get("loss_mask") else ""
+    print(f"   wrote {res.num_sequences:,} {what}, {res.num_tokens:,} tokens{masked} in {res.seconds:.1f}s "
+          f"to {res.path}")
     return None, True
 
 

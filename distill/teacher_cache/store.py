@@ -17,7 +17,6 @@ start and end tokens), one row per token of an example, in dataset order. Bytes 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from distill.data.binarize import OFFSETS_FILE, TOKENS_FILE, read_meta
 from distill.errors import UserError
+from distill.fileio import sha256_file
 
 FORMAT_VERSION = 1
 KIND = "distill-teacher-cache"
@@ -50,20 +50,12 @@ def example_rows(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
 
 
-def _sha256_file(path: Path, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dataset_identity(data_file: str | Path) -> dict:
     """What a cache of ``data_file`` must match: the hash of its tokens and index, and its tokenizer."""
     folder = Path(data_file)
     meta = read_meta(folder)
-    return {"path": str(folder.resolve()), "tokens_sha256": _sha256_file(folder / TOKENS_FILE),
-            "offsets_sha256": _sha256_file(folder / OFFSETS_FILE), "num_tokens": meta["num_tokens"],
+    return {"path": str(folder.resolve()), "tokens_sha256": sha256_file(folder / TOKENS_FILE),
+            "offsets_sha256": sha256_file(folder / OFFSETS_FILE), "num_tokens": meta["num_tokens"],
             "num_sequences": meta["num_sequences"], "vocab_fingerprint": meta.get("vocab_fingerprint"),
             "tokenizer_name": meta.get("tokenizer_name")}
 
@@ -152,7 +144,7 @@ class TeacherCache:
 
     def identity(self) -> dict:
         """What a checkpoint of a run trained from this cache records (checked on resume)."""
-        return {"cache": str(self.folder.resolve()), "meta_sha256": _sha256_file(self.folder / META_FILE)[:16]}
+        return {"cache": str(self.folder.resolve()), "meta_sha256": sha256_file(self.folder / META_FILE)[:16]}
 
     def check(self, *, data_file: str, example_lengths: np.ndarray, max_model_input_size: int, temperature: float,
               vocab_size: int, k: int | None) -> None:
