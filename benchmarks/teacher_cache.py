@@ -12,9 +12,11 @@
    cosine loss needs the teacher's hidden states, which a cache does not hold, so it is off in both.
 4. Scores both students, the teacher and the extracted student on the demo's held-out windows.
 5. Times optimizer steps of both set-ups side by side in this process, alternating, on the same
-   micro-batches (after one warm-up step each), and reports the median step times and their ratio.
+   micro-batches: each round runs one untimed step of a set-up (switching refills the caches), then
+   its timed steps. Reports the median step times and their ratio.
 
-Prints one JSON record and a Markdown table; writes `<run_dir>/teacher_cache.json`.
+`--temperature 1` runs all of it at T = 1 (its own cache and students). Prints one JSON record and a
+Markdown table; writes `<run_dir>/teacher_cache[_t<T>].json`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def cpu_description() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}
+    isa = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    return {"cpu": model, "cores": os.cpu_count(), "isa": isa}
 
 
 def time_steps(argvs: dict[str, list[str]], rounds: int, steps: int) -> dict[str, list[float]]:
@@ -78,10 +81,9 @@ def time_steps(argvs: dict[str, list[str]], rounds: int, steps: int) -> dict[str
         micro = [list(islice(batches, cfg.gradient_accumulation_steps)) for _ in range(steps + 1)]
         distillers[name] = (d, micro)
     times = {name: [] for name in argvs}
-    for name, (d, micro) in distillers.items():
-        d.step(micro[0])  # warm-up: first-touch of the scratch blocks, lazy initialisation
     for _ in range(rounds):
         for name, (d, micro) in distillers.items():
+            d.step(micro[0])  # untimed: the first step after the other set-up ran refills the caches
             for m in micro[1:]:
                 t0 = time.perf_counter()
                 d.step(m)
@@ -95,8 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--assets_dir", default="assets")
     p.add_argument("--max_steps", type=int, default=None, help="override the full recipe's steps")
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="the soft-target temperature of both runs (default: the recipe's, 2)")
     p.add_argument("--timing_rounds", type=int, default=3)
-    p.add_argument("--timing_steps", type=int, default=2, help="steps per set-up and round")
+    p.add_argument("--timing_steps", type=int, default=3, help="timed steps per set-up and round")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     args = p.parse_args(argv)
     run, bf16 = Path(args.run_dir), use_bf16(args.bf16)
@@ -104,8 +108,11 @@ def main(argv=None) -> int:
     recipe = replace(clm.FULL, alpha_cos=0.0)
     if args.max_steps is not None:
         recipe = replace(recipe, max_steps=args.max_steps)
+    if args.temperature is not None:
+        recipe = replace(recipe, temperature=args.temperature)
     teacher, data, student_init = run / "teacher", run / "data", run / "student_init"
-    cache_dir = run / f"teacher_cache_k{args.k}"
+    t_tag = f"_t{recipe.temperature:g}" if recipe.temperature != clm.FULL.temperature else ""
+    cache_dir = run / f"teacher_cache_k{args.k}{t_tag}"
     if not (cache_dir / "meta.json").is_file():
         print(f"\n== caching the teacher into {cache_dir}", flush=True)
         cache_teacher(teacher_type="llama", teacher_name=str(teacher), data_file=str(data), out=cache_dir,
@@ -115,13 +122,15 @@ def main(argv=None) -> int:
     cache_record = {"k": cache.k, "positions": cache.positions, "bytes": cache.meta["bytes"],
                     "bytes_per_position": cache.meta["bytes"] / cache.positions, "disk_usage_bytes": du,
                     "writing_tokens_per_s": cache.meta["last_run"]["tokens_per_s"],
-                    "writing_seconds": cache.meta["last_run"]["seconds"], "teacher_bf16": cache.meta["bf16"]}
+                    "writing_seconds": cache.meta["last_run"]["seconds"], "teacher_bf16": cache.meta["bf16"],
+                    "mean_top_k_mass": cache.meta["last_run"].get("mean_top_k_mass")}
     print(json.dumps({"cache": cache_record}), flush=True)
 
     (_, _, _, held_out), _ = clm.get_assets(Path(args.assets_dir))
     windows = clm.held_out_windows(teacher, held_out, recipe)
     bench = run / "teacher_cache_runs"
-    online, cached = bench / f"online_{recipe.max_steps}", bench / f"cached_k{args.k}_{recipe.max_steps}"
+    online = bench / f"online_{recipe.max_steps}{t_tag}"
+    cached = bench / f"cached_k{args.k}_{recipe.max_steps}{t_tag}"
     print("\n== online", flush=True)
     clm.distil(recipe, data, teacher, student_init, online, bf16)
     print("\n== from the cache", flush=True)
@@ -156,7 +165,7 @@ def main(argv=None) -> int:
     print(f"\ncache: k = {cache.k}, {cache_record['bytes_per_position']:.0f} bytes a position, written at "
           f"{cache_record['writing_tokens_per_s']:,.0f} tokens/s; step: online {med['online']:.2f}s, cached "
           f"{med['cached']:.2f}s ({record['speedup']:.2f}x)")
-    write_atomic(run / "teacher_cache.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(run / f"teacher_cache{t_tag}.json", json.dumps(record, indent=2) + "\n")
     return 0
 
 

@@ -278,7 +278,7 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
 
     bar = tqdm(total=positions, initial=written, unit="tok", unit_scale=True, desc="caching the teacher",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    seconds, fresh = 0.0, 0
+    seconds, fresh, tail_mass = 0.0, 0, 0.0
     try:
         for s, (a, b) in enumerate(shards):
             if s in done:
@@ -291,6 +291,7 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
                 n = max(1, batch_tokens // int(dataset.lengths[order[i]]))
                 batch = order[i:i + n]
                 ids, lps, tail = run([dataset[j]["input_ids"] for j in batch])
+                tail_mass += float(tail.double().exp().sum())
                 r = 0
                 for j in batch:  # each example's rows to its place
                     m = int(dataset.lengths[j])
@@ -310,10 +311,17 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
     if tok is not None:
         with quiet_transformers():
             tok.save_pretrained(staging / S.TOKENIZER_DIR)
+    # How much of the teacher's distribution the top k hold (over this run's positions): at a high
+    # temperature a flat distribution leaves most of it in the tail bucket, which teaches little.
+    top_mass = 1.0 - tail_mass / fresh if fresh else None
+    if top_mass is not None and top_mass < 0.5:
+        note(f"the top {k} tokens hold {top_mass:.0%} of the teacher's probability at temperature {temperature:g} "
+             f"on average; the rest is one bucket, so the cached soft targets carry little of the distribution. "
+             f"A lower --temperature (1 is usual for LLMs) or a larger --k keeps more")
     meta = {"kind": S.KIND, "format_version": S.FORMAT_VERSION, **plan, "bytes": total,
             "bytes_per_position": per, "has_tokenizer": tok is not None,
-            "last_run": {"seconds": seconds, "positions": fresh,
-                         "tokens_per_s": fresh / max(seconds, 1e-9)}}
+            "last_run": {"seconds": seconds, "positions": fresh, "tokens_per_s": fresh / max(seconds, 1e-9),
+                         "mean_top_k_mass": top_mass}}
     write_atomic(staging / S.META_FILE, json.dumps(meta, indent=2) + "\n")
     publish_folder(staging, out)
     for name in (PLAN_FILE, DONE_FILE):  # the bookkeeping of the staging folder
