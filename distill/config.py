@@ -18,7 +18,8 @@ from typing import Any
 from distill.errors import ArgumentParser, UserError
 
 
-# The losses a run can weight, in the order they are logged.
+# The built-in losses, in the order they are logged (distill.losses.terms registers them; plug-ins
+# add theirs after these).
 LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "hidden_mse")
 
 
@@ -62,6 +63,10 @@ class TrainConfig:
                               "layer k (default: evenly spaced; added here)")
     hidden_projection: str = _f("auto", "auto: a learned linear map when widths differ; none: refuse "
                                         "different widths (added here)", choices=["auto", "none"])
+    plugins: str = _f(None, "Python files or modules that register loss terms (distill.losses.terms.register), "
+                            "comma-separated or repeated; each term's weight is then --alpha_<name> (added here)")
+    losses: dict = _f(None, "weights of plug-in loss terms by name (the config file's losses: section, which "
+                            "takes the built-in ones too, or --alpha_<name>; added here)")
     restrict_ce_to_mask: bool = _f(False, "soft-target and logit MSE losses only on masked positions")
     loss_on: str = _f(None, "data with a completion mask (chat, prompt/completion): completion puts the CLM, "
                             "soft-target and logit losses on completion tokens only, all on every token "
@@ -135,6 +140,7 @@ class TrainConfig:
         for name in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_mse", "alpha_cos", "alpha_hidden_mse"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative")
+        self._validate_plugin_terms()
         if self.objective_alphas_sum() == 0:
             raise UserError("all loss weights are zero; set at least one of --alpha_ce, --alpha_mlm (with --mlm), "
                             "--alpha_clm, --alpha_mse, --alpha_cos")
@@ -207,12 +213,33 @@ class TrainConfig:
         if self.teacher_cache_k is not None and self.teacher_cache_k < 1:
             raise UserError("--teacher_cache_k must be at least 1")
 
+    def _validate_plugin_terms(self) -> None:
+        from distill.losses.terms import TERMS, check_weight, load_plugins
+
+        if self.plugins:
+            load_plugins(plugin_list(self.plugins))
+        for name, weight in (self.losses or {}).items():
+            if name in LOSS_NAMES:
+                raise UserError(f"the built-in loss {name} is weighted by --alpha_{name}, not in losses")
+            if name not in TERMS:
+                known = ", ".join(k for k in TERMS if k not in LOSS_NAMES) or "none"
+                raise UserError(f"unknown loss term {name!r} (plug-in terms registered: {known}; load yours with "
+                                "--plugins)")
+            check_weight(name, weight)
+
     def loss_weights(self, mlm: bool | None = None) -> dict[str, float]:
-        """The weight of each loss, in LOSS_NAMES order. The LM loss is MLM with ``--mlm`` and CLM
-        without (the other's alpha does not apply); ``mlm`` overrides the flag."""
+        """The weight of each loss: the built-ins in LOSS_NAMES order, then the plug-in terms. The LM
+        loss is MLM with ``--mlm`` and CLM without (the other's alpha does not apply); ``mlm``
+        overrides the flag. A plug-in term restricted to one objective weighs 0 under the other."""
+        from distill.losses.terms import TERMS
+
         mlm = self.mlm if mlm is None else mlm
-        return {"ce": self.alpha_ce, "mlm": self.alpha_mlm if mlm else 0.0, "clm": 0.0 if mlm else self.alpha_clm,
-                "mse": self.alpha_mse, "cos": self.alpha_cos, "hidden_mse": self.alpha_hidden_mse}
+        weights = {"ce": self.alpha_ce, "mlm": self.alpha_mlm if mlm else 0.0, "clm": 0.0 if mlm else self.alpha_clm,
+                   "mse": self.alpha_mse, "cos": self.alpha_cos, "hidden_mse": self.alpha_hidden_mse}
+        for name, weight in (self.losses or {}).items():
+            objective = TERMS[name].objective
+            weights[name] = float(weight) if objective is None or objective == ("mlm" if mlm else "clm") else 0.0
+        return weights
 
     def soft_divergence(self):
         """The soft-target loss's :class:`~distill.losses.divergences.Divergence`, checked."""
@@ -231,7 +258,15 @@ class TrainConfig:
 # Parsing: defaults < file < command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def plugin_list(value: str | list | None) -> list[str]:
+    if not value:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
+
+
+def build_parser(plugin_terms: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """train.py's flags: one per TrainConfig field, and ``--alpha_<name>`` for each plug-in term."""
     p = ArgumentParser(
         prog="train.py",
         description="Distil a teacher language model into a student (flags follow DistilBERT's train.py).",
@@ -251,14 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", help=help_)
             continue
-        if f.name == "report_to":
-            p.add_argument(flag, action="append", metavar="TRACKER", help=f"{help_} (default: {f.default})")
+        if f.name in ("report_to", "plugins"):
+            p.add_argument(flag, action="append", metavar=f.name.upper(), help=f"{help_} (default: {f.default})")
+            continue
+        if f.name == "losses":  # the config file's section, and the plug-in terms' own flags below
             continue
         kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
         # torch.distributed.launch passes --local-rank (hyphen) to the script
         aliases = ["--local-rank"] if f.name == "local_rank" else []
         p.add_argument(flag, *aliases, type=kind, metavar=f.name.upper(), help=f"{help_} (default: {f.default})",
                        choices=f.metadata.get("choices"))
+    from distill.losses.terms import TERMS
+
+    for name in plugin_terms:
+        p.add_argument(f"--alpha_{name}", dest=f"losses.{name}", type=float, metavar="ALPHA_" + name.upper(),
+                       help=f"weight of the plug-in loss term {name}: {TERMS[name].help} (default: 0)")
     return p
 
 
@@ -288,8 +330,12 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _coerce(key: str, kind: str, v: Any) -> Any:
     if v is None:
         return None
-    if key == "report_to" and isinstance(v, (list, tuple)):  # repeated on the command line, or a YAML list
+    if key in ("report_to", "plugins") and isinstance(v, (list, tuple)):  # repeated, or a YAML list
         return ",".join(str(x) for x in v)
+    if key == "losses":
+        if not isinstance(v, dict):
+            raise UserError("config key losses must be a mapping of loss term names to weights")
+        return {name: _coerce(f"losses.{name}", "float", w) for name, w in v.items()}
     if kind == "bool":
         if not isinstance(v, bool):
             raise UserError(f"config key {key} must be true or false")
@@ -310,13 +356,42 @@ def _coerce(key: str, kind: str, v: Any) -> Any:
     return v
 
 
+def _plugins_first(argv) -> None:
+    """Load the plug-ins of the command line and of its --config file before the full parser is
+    built (their terms' --alpha_<name> flags are part of it)."""
+    from distill.losses.terms import load_plugins
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugins", action="append", default=[])
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    specs = plugin_list(known.plugins)
+    if known.config is not None and Path(known.config).is_file():
+        specs = plugin_list(_read_config_file(known.config).get("plugins")) + specs
+    load_plugins(specs)
+
+
 def parse_config(argv=None) -> tuple[TrainConfig, set[str]]:
     """Return the resolved config and the names the user set (in the file or on the command line)."""
-    ns = vars(build_parser().parse_args(argv))
+    from distill.losses.terms import TERMS
+
+    _plugins_first(argv)
+    plugin_terms = tuple(name for name in TERMS if name not in LOSS_NAMES)
+    ns = vars(build_parser(plugin_terms).parse_args(argv))
+    flag_losses = {k.split(".", 1)[1]: ns.pop(k) for k in list(ns) if k.startswith("losses.")}
     values: dict[str, Any] = {}
     if "config" in ns:
         values.update(_read_config_file(ns["config"]))
+    file_losses = values.pop("losses", None) or {}
+    if not isinstance(file_losses, dict):
+        raise UserError("config key losses must be a mapping of loss term names to weights")
+    for name, weight in file_losses.items():  # built-in weights in the section are their alpha fields
+        if name in LOSS_NAMES:
+            values[f"alpha_{name}"] = weight
     values.update(ns)
+    losses = {**{k: v for k, v in file_losses.items() if k not in LOSS_NAMES}, **flag_losses}
+    if losses:
+        values["losses"] = losses
     types = {f.name: str(f.type).replace(" | None", "") for f in fields(TrainConfig)}
     for k, v in list(values.items()):  # file values get the same types as flags
         values[k] = _coerce(k, types[k], v)

@@ -25,11 +25,12 @@ from torch import nn
 from distill import losses as L
 from distill import optim as O
 from distill.checkpoint import CheckpointManager
-from distill.config import LOSS_NAMES, TrainConfig
+from distill.config import TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import DistEnv, wrap
+from distill.losses.terms import TERMS, TermContext
 from distill.errors import UserError
 from distill.memory import fix_mmap_threshold
 from distill.testing import faults
@@ -82,10 +83,16 @@ class Distiller:
         for p in () if teacher is None else self.teacher.parameters():
             p.requires_grad_(False)
         self.mlm = student_objective == "mlm"
+        # The enabled loss terms (distill.losses.terms), in the registry's order, and what they need.
         self.alphas = cfg.loss_weights(mlm=self.mlm)
-        self.enabled = [k for k in LOSS_NAMES if self.alphas[k] > 0]
-        self.need_teacher_logits = self.alphas["ce"] > 0 or self.alphas["mse"] > 0
-        self.need_hidden = self.alphas["cos"] > 0 or self.alphas["hidden_mse"] > 0
+        self.enabled = [k for k in self.alphas if self.alphas[k] > 0]
+        self.terms = {k: TERMS[k] for k in self.enabled}
+        needs = [t.needs for t in self.terms.values()]
+        self.need_teacher_logits = any(n.teacher_logits for n in needs)
+        self.need_hidden = any(n.hidden_states for n in needs)
+        self.student_outputs = sorted({o for n in needs for o in n.student_outputs})
+        self.teacher_outputs = sorted({o for n in needs for o in n.teacher_outputs})
+        self._teacher_out = None  # the teacher's outputs of the current micro-batch, for the terms
         self.layer_map = layer_map
         self.projection = projection.to(device) if projection is not None else None
         # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper.
@@ -160,44 +167,41 @@ class Distiller:
         return out
 
     def loss_counts(self, masks: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Positions carrying each enabled loss (see distill.losses for each loss's count)."""
-        counts = {}
-        for k in self.enabled:
-            if k in ("ce", "mse"):
-                counts[k] = int(masks["ce"].sum())
-            elif k == "mlm":
-                counts[k] = int(masks["labels"].sum())
-            elif k == "clm":
-                counts[k] = int(masks["labels"][:, 1:].sum())
-            else:  # hidden-state losses: every real position once
-                counts[k] = int(masks["attn"].sum())
-        return counts
+        """Positions carrying each enabled loss (each term's :meth:`~distill.losses.terms.LossTerm.count`)."""
+        return {k: self.terms[k].count(masks) for k in self.enabled}
 
     def teacher_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Only what the enabled losses need: logits, hidden states, or hidden states alone
-        (then the vocabulary projection is skipped by running the base model). A plain vocabulary
-        projection is not run here: the logits come back as L.ProjectedLogits, which the fused
-        losses compute a chunk of rows at a time (no (B, L, V) tensor)."""
+        (then the vocabulary projection is skipped by running the base model), and nothing at all
+        when no term reads the teacher. A plain vocabulary projection is not run here: the logits
+        come back as L.ProjectedLogits, which the fused losses compute a chunk of rows at a time
+        (no (B, L, V) tensor)."""
+        self._teacher_out = None
+        if not (self.need_teacher_logits or self.need_hidden or self.teacher_outputs):
+            return None, None
         proj = L.output_projection(self.teacher) if self.need_teacher_logits else None
+        extra = {f"output_{o}": True for o in self.teacher_outputs}
         with torch.inference_mode(), self._autocast():
             if proj is not None:
                 with L.projection_input(self.teacher):
                     out = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
-                                       output_hidden_states=self.need_hidden)
+                                       output_hidden_states=self.need_hidden, **extra)
                 logits = L.ProjectedLogits(out.logits, proj.weight, proj.bias, self.amp_dtype)
                 hidden = out.hidden_states
             elif self.need_teacher_logits:
                 out = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
-                                   output_hidden_states=self.need_hidden)
+                                   output_hidden_states=self.need_hidden, **extra)
                 logits, hidden = out.logits, out.hidden_states
             else:
                 out = self.teacher.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                              output_hidden_states=True)
+                                              output_hidden_states=self.need_hidden, **extra)
                 logits, hidden = None, out.hidden_states
+        self._teacher_out = out  # the terms that ask for further outputs read them here
         if hidden is not None:
             # Autograd may not save inference tensors; the cosine/MSE backward saves the teacher's
-            # side, so the layers that are matched become ordinary tensors (a (B, L, H) copy each).
-            used = {t for _, t in self.layer_map}
+            # side, so the layers that are matched (all, for a plug-in term without a layer map)
+            # become ordinary tensors (a (B, L, H) copy each).
+            used = {t for _, t in self.layer_map} if self.layer_map else set(range(len(hidden)))
             hidden = tuple(h.clone() if i in used else h for i, h in enumerate(hidden))
         return logits, hidden
 
@@ -211,49 +215,38 @@ class Distiller:
             t_hidden = None
         else:
             t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)
-        vocab = [k for k in self.enabled if k in ("ce", "mse", "mlm", "clm")]
+        # The vocabulary terms share one fused projection-and-loss pass (distill.losses.fused).
+        vocab = [k for k in self.enabled if self.terms[k].fused is not None]
+        kernels = {self.terms[k].fused for k in vocab}
         # A plain vocabulary projection is left to the fused losses: no (B, L, V) logits are made.
         proj = L.output_projection(self.student) if vocab else None
+        extra = {f"output_{o}": True for o in self.student_outputs}
         with self._autocast(), L.projection_input(self.student) if proj is not None else contextlib.nullcontext():
             s_out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                               output_hidden_states=self.need_hidden)  # the DDP wrapper when distributed
+                               output_hidden_states=self.need_hidden, **extra)  # the DDP wrapper when distributed
         sums = {}
         if proj is not None:  # s_out.logits is the projection's input (B, L, H)
+            has_lm = "lm_ce" in kernels
             lm_labels, lm_mask = labels, masks.get("labels")
-            if "clm" in vocab:
+            if has_lm and not self.mlm:
                 lm_labels, lm_mask = L.shift_labels(labels, lm_mask)
-            has_lm = "mlm" in vocab or "clm" in vocab
             fused = L.projected_vocab_losses(
                 s_out.logits, proj.weight, proj.bias, teacher=t_logits, temperature=self.cfg.temperature,
-                soft_target="ce" in vocab, mse="mse" in vocab, mask=masks["ce"],
+                soft_target="soft_target_ce" in kernels, mse="logits_mse" in kernels, mask=masks["ce"],
                 labels=lm_labels if has_lm else None, label_mask=lm_mask if has_lm else None,
                 compute_dtype=self.amp_dtype, workspace=self.loss_workspace, divergence=self.divergence)
-            names = {"ce": "soft_target_ce", "mse": "logits_mse", "mlm": "lm_ce", "clm": "lm_ce"}
-            sums = {k: fused[names[k]] for k in vocab}
+            sums = {k: fused[self.terms[k].fused] for k in vocab}
         elif isinstance(t_logits, L.ProjectedLogits):
             t_logits = t_logits.materialize()
-        s_logits = s_out.logits  # (B, L, V) unless fused
-        for name in self.enabled:
-            if name in sums:
-                continue
-            if name == "ce" and isinstance(t_logits, L.CachedTargets):
-                sums[name] = L.cached_soft_target(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"],
-                                                  divergence=self.divergence)
-            elif name == "ce":
-                sums[name] = L.soft_target_ce(s_logits, t_logits, self.cfg.temperature, mask=masks["ce"],
-                                              divergence=self.divergence)
-            elif name == "mse":
-                sums[name] = L.logits_mse(s_logits, t_logits, mask=masks["ce"])
-            elif name == "mlm":
-                sums[name] = L.lm_ce(s_logits, labels, label_mask=masks["labels"])
-            elif name == "clm":
-                sums[name] = L.clm_ce(s_logits, labels, label_mask=masks["labels"])
-            elif name == "cos":
-                sums[name] = L.multi_layer_cosine(s_out.hidden_states, t_hidden, self.layer_map, masks["attn"],
-                                                  self.projection)
-            elif name == "hidden_mse":
-                sums[name] = L.multi_layer_mse(s_out.hidden_states, t_hidden, self.layer_map, masks["attn"],
-                                               self.projection)
+        rest = [k for k in self.enabled if k not in sums]
+        if rest:
+            ctx = TermContext(cfg=self.cfg, batch=batch, masks=masks, student=s_out,
+                              teacher=self._teacher_out,
+                              student_logits=None if proj is not None else s_out.logits, teacher_logits=t_logits,
+                              teacher_hidden=t_hidden, layer_map=self.layer_map, projection=self.projection,
+                              divergence=self.divergence)
+            for k in rest:
+                sums[k] = self.terms[k].compute(ctx)
         return {k: sums[k] for k in self.enabled}
 
     def step(self, micro_batches: list[dict]) -> StepResult:

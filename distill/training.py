@@ -55,6 +55,7 @@ def build_run(cfg: TrainConfig, world_size: int = 1) -> Run:
     student = build_student(cfg)
     tok = teacher_tokenizer(cfg)
     check_compatibility(cfg, teacher, student, dataset, tok)
+    check_terms(cfg, student, teacher)
     check_sizes(cfg, teacher, student, dataset, world_size)
     layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
     freeze(cfg, student.model)
@@ -77,6 +78,7 @@ def build_cached_run(cfg: TrainConfig, world_size: int) -> Run:
     cache.check(data_file=cfg.data_file, example_lengths=dataset.lengths,
                 max_model_input_size=cfg.max_model_input_size, temperature=cfg.temperature, vocab_size=vocab,
                 k=cfg.teacher_cache_k)
+    check_terms(cfg, student, None)
     check_sizes(cfg, None, student, dataset, world_size)
     freeze(cfg, student.model)
     tok = None
@@ -208,6 +210,16 @@ def check_compatibility(cfg: TrainConfig, teacher: M.LoadedModel, student: M.Loa
         note("--freeze_pos_embs has no effect: the student has no position embeddings")
     if cfg.freeze_token_type_embds and not M.has_token_type_embeddings(student.model):
         note("--freeze_token_type_embds has no effect: the student has no token type embeddings")
+
+
+def check_terms(cfg: TrainConfig, student: M.LoadedModel, teacher: M.LoadedModel | None) -> None:
+    """Every weighted loss term can run with these models (distill.losses.terms.check_needs)."""
+    from distill.losses.terms import TERMS, check_needs
+
+    for name, weight in cfg.loss_weights().items():
+        if weight > 0 and (reason := check_needs(TERMS[name], student, teacher)) is not None:
+            where = cfg.teacher_name if teacher is not None else cfg.teacher_cache
+            raise UserError(f"--alpha_{name}: the {name} loss {reason} ({where})")
 
 
 def check_sizes(cfg: TrainConfig, teacher: M.LoadedModel | None, student: M.LoadedModel, dataset: LMSeqsDataset,
