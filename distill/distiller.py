@@ -30,8 +30,8 @@ from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import DistEnv, wrap
-from distill.losses.terms import TERMS, TermContext
 from distill.errors import UserError
+from distill.losses.terms import TERMS, TermContext
 from distill.memory import fix_mmap_threshold
 from distill.testing import faults
 
@@ -92,7 +92,10 @@ class Distiller:
         self.need_hidden = any(n.hidden_states for n in needs)
         self.student_outputs = sorted({o for n in needs for o in n.student_outputs})
         self.teacher_outputs = sorted({o for n in needs for o in n.teacher_outputs})
+        self.need_teacher_forward = any(n.teacher_forward for n in needs)
         self._teacher_out = None  # the teacher's outputs of the current micro-batch, for the terms
+        for term in self.terms.values():  # hooks, say
+            term.prepare(self.student, self.teacher)
         self.layer_map = layer_map
         self.projection = projection.to(device) if projection is not None else None
         # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper.
@@ -177,7 +180,7 @@ class Distiller:
         come back as L.ProjectedLogits, which the fused losses compute a chunk of rows at a time
         (no (B, L, V) tensor)."""
         self._teacher_out = None
-        if not (self.need_teacher_logits or self.need_hidden or self.teacher_outputs):
+        if not (self.need_teacher_logits or self.need_hidden or self.teacher_outputs or self.need_teacher_forward):
             return None, None
         proj = L.output_projection(self.teacher) if self.need_teacher_logits else None
         extra = {f"output_{o}": True for o in self.teacher_outputs}

@@ -37,6 +37,7 @@ class Needs:
 
     teacher_logits: bool = False  # the teacher's vocabulary logits (or its cached top-k)
     hidden_states: bool = False  # both models' hidden states (the layer map pairs them)
+    teacher_forward: bool = False  # the teacher must run (a term reading it through hooks, say)
     student_outputs: tuple[str, ...] = ()  # further model outputs asked for by name, e.g. "attentions"
     teacher_outputs: tuple[str, ...] = ()
 
@@ -75,6 +76,10 @@ class LossTerm:
     fused: str | None = None  # built-in vocabulary terms: their sum in projected_vocab_losses
     needs: Needs = Needs()
 
+    def prepare(self, student, teacher) -> None:
+        """Called once by the Distiller with the two modules (``teacher`` None with a teacher cache)
+        before any step: a term reading them through forward hooks installs them here."""
+
     def count(self, masks: dict) -> int:
         """Positions the term's sum covers in one micro-batch (from the CPU masks); by default every
         attended token."""
@@ -110,7 +115,7 @@ def check_needs(term: LossTerm, student, teacher) -> str | None:
     distill.models.LoadedModel (``teacher`` None for a teacher cache). Models asked for attention
     weights are switched to eager attention (SDPA computes none); one that cannot be is refused."""
     needs = term.needs
-    if teacher is None and (needs.hidden_states or needs.teacher_outputs):
+    if teacher is None and (needs.hidden_states or needs.teacher_outputs or needs.teacher_forward):
         return "needs the teacher's outputs, which a teacher cache does not hold"
     for who, loaded, outputs in (("student", student, needs.student_outputs),
                                  ("teacher", teacher, needs.teacher_outputs)):
@@ -263,3 +268,6 @@ class _HiddenMSE(_HiddenCosine):
 for _term in (_SoftTarget, _MaskedLM, _CausalLM, _LogitMSE, _HiddenCosine, _HiddenMSE):
     register(_term)
 BUILTIN = tuple(TERMS)  # ("ce", "mlm", "clm", "mse", "cos", "hidden_mse"): DistilBERT's flags and ours
+
+# The terms shipped as plug-ins: weighted by --alpha_<name> like a user's, registered with the package.
+from distill.losses import relations  # noqa: E402,F401  (MiniLM attention relations)
