@@ -69,11 +69,11 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
 
 def open_dataset(path: str, split: str | None, allow_download: bool):
     """The rows of ``path`` (one split) as a datasets Dataset or IterableDataset, and how many when known."""
-    datasets = _import_datasets()
-    p = Path(path)
-    if not allow_download:
+    if not allow_download:  # before the import: datasets reads them then
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    datasets = _import_datasets()
+    p = Path(path)
     try:
         if _is_saved_dataset(p):
             ds = datasets.load_from_disk(str(p))
