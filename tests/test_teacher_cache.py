@@ -345,3 +345,25 @@ def test_resuming_with_another_cache_is_refused(world, cache8, tmp_path, capsys)
     ok(launch(cached_args(world, dump, cache8, max_steps=4)))
     other = write(world, tmp_path / "other", shard_positions=1000).folder  # same content, another cache
     _refused(cached_args(world, dump, other, "--max_steps", "6", "--resume"), capsys, "teacher_cache")
+
+
+@pytest.mark.slow
+def test_two_processes_from_a_cache_match_one_process_with_the_global_batch(world, cache8, tmp_path):
+    """Each rank's collator reads its own examples' rows of the cache (dropout off, so the ranks draw nothing)."""
+    from tests.test_distributed import assert_close_runs
+    from tests.test_distributed import launch as launch_n
+
+    config = json.loads((world.student / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (tmp_path / "student.json").write_text(json.dumps(config))
+
+    def argv(dump, batch):
+        a = cached_args(world, dump, cache8, max_steps=6)
+        i = a.index("--student_pretrained_weights")
+        a[i:i + 2] = ["--student_config", str(tmp_path / "student.json")]
+        return a + ["--batch_size", str(batch)]
+
+    r = ok(launch_n(argv(tmp_path / "two", 2), 2))
+    assert "2 processes (gloo, cpu)" in r.stdout
+    ok(launch_n(argv(tmp_path / "one", 4), 1))
+    assert_close_runs(tmp_path / "one", tmp_path / "two", rtol=1e-4, atol=1e-5)
