@@ -87,7 +87,7 @@ class LossTerm:
 
     def compute(self, ctx: TermContext) -> Tensor:
         """The term's sum over the positions :meth:`count` counts, as a 0-dim float32 tensor."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement compute(ctx): its sum as a 0-dim tensor")
 
     def check(self, student, teacher) -> str | None:
         """Why the term cannot train with these models (a sentence), or None; ``teacher`` is a
