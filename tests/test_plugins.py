@@ -85,6 +85,9 @@ def test_terms_asking_for_attentions_get_eager_attention(world):
         name = "attention_entropy_test"
         needs = Needs(student_outputs=("attentions",))
 
+        def compute(self, ctx):
+            return sum((-a * a.clamp_min(1e-9).log()).sum() for a in ctx.student.attentions)
+
     student = M.load_model("gpt2", world.student)
     assert student.model.config._attn_implementation != "eager"
     assert check_needs(AttentionEntropy(), student, None) is None
@@ -133,11 +136,23 @@ def test_register_refuses_a_second_term_of_the_same_name_and_bad_names():
     class Clash(LossTerm):
         name = "ce"
 
+        def compute(self, ctx):
+            return torch.zeros(())
+
     with pytest.raises(ValueError, match="registered already"):
         register(Clash)
 
     class Bad(LossTerm):
         name = "not a name"
+
+        def compute(self, ctx):
+            return torch.zeros(())
+
+    class NoCompute(LossTerm):
+        name = "no_compute"
+
+    with pytest.raises(TypeError, match="abstract"):
+        register(NoCompute)
 
     with pytest.raises(ValueError, match="identifier"):
         register(Bad)

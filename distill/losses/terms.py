@@ -16,6 +16,7 @@ in a package exposing it under the ``distill.loss_terms`` entry point. See docs/
 
 from __future__ import annotations
 
+import abc
 import importlib
 import importlib.util
 import math
@@ -66,9 +67,9 @@ class TermContext:
     extra: dict = field(default_factory=dict)
 
 
-class LossTerm:
+class LossTerm(abc.ABC):
     """A loss term. Subclass it, set the class attributes, implement :meth:`compute`, and
-    :func:`register` an instance."""
+    :func:`register` it (a subclass without ``compute`` cannot be registered)."""
 
     name: str = ""
     help: str = ""
@@ -85,9 +86,9 @@ class LossTerm:
         attended token."""
         return int(masks["attn"].sum())
 
+    @abc.abstractmethod
     def compute(self, ctx: TermContext) -> Tensor:
         """The term's sum over the positions :meth:`count` counts, as a 0-dim float32 tensor."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute(ctx): its sum as a 0-dim tensor")
 
     def check(self, student, teacher) -> str | None:
         """Why the term cannot train with these models (a sentence), or None; ``teacher`` is a
