@@ -438,8 +438,8 @@ def test_the_whole_command_on_a_slice_of_the_demo_task(real_bert_dir, tmp_path):
     results = run_early_exit(dict(
         task_name="sst-2", data_dir=str(task), model_name_or_path=str(real_bert_dir), output_dir=str(tmp_path / "ee"),
         do_train=True, do_eval=True, do_sweep=True, recipe="two_stage,self_distill", max_seq_length=64,
-        per_device_train_batch_size=32, learning_rate=2e-4, num_train_epochs=2.0, timing_examples=64,
-        timing_repeats=1, disable_tqdm=True, eval_each_highway=True), log=lambda s: None)
+        per_device_train_batch_size=32, learning_rate=2e-4, num_train_epochs=2.0, timing_examples=32,
+        timing_repeats=1, timing_points=1, disable_tqdm=True, eval_each_highway=True), log=lambda s: None)
     sweep = json.loads((tmp_path / "ee" / "sweep.json").read_text())
     assert sweep["num_layers"] == 6 and len(sweep["each_exit"]["self_distill"]) == 6
     assert results["score"] > 0.6  # the fine-tuned final classifier beats the majority class
