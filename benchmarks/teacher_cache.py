@@ -75,7 +75,8 @@ def time_steps(argvs: dict[str, list[str]], rounds: int, steps: int) -> dict[str
         run = build_run(cfg)
         d = Distiller(cfg, run.student.model, None if run.teacher is None else run.teacher.model, run.dataset,
                       run.collator, torch.device("cpu"), student_objective=run.student.objective,
-                      layer_map=run.layer_map, projection=run.projection)
+                      layer_map=run.layer_map, projection=run.projection,
+                      extra_teachers=[m.model for m in run.extra_teachers])
         d.sampler.set_epoch(0)
         batches = iter(d.loader)
         micro = [list(islice(batches, cfg.gradient_accumulation_steps)) for _ in range(steps + 1)]

@@ -70,7 +70,10 @@ def run_teacher_identity(cfg) -> dict:
         from distill.teacher_cache import TeacherCache
 
         return TeacherCache(cfg.teacher_cache).identity()
-    return teacher_identity(cfg.teacher_name)
+    names = cfg.teacher_names() if hasattr(cfg, "teacher_names") else [cfg.teacher_name]
+    if len(names) == 1:
+        return teacher_identity(names[0])
+    return {"teachers": [teacher_identity(n) for n in names]}
 
 
 def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
@@ -188,6 +191,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     harmless, bad = [], []
 
     def norm(k, v):
+        if k in PATHS and isinstance(v, list):  # several teachers
+            return [str(Path(x).resolve()) for x in v]
         return str(Path(v).resolve()) if k in PATHS and v is not None else v
 
     from distill.config import TrainConfig
@@ -276,9 +281,10 @@ class CheckpointManager:
                 raise UserError(f"--dump_path {dump} is not empty; pass --force to delete its contents and start "
                                 "over")
             for name in _INPUT_FLAGS:  # never delete the inputs themselves
-                value = getattr(cfg, name)
-                if value and is_within(value, dump):
-                    raise UserError(f"--{name} {value} lies inside --dump_path {dump}; --force would delete it")
+                values = getattr(cfg, name)
+                for value in values if isinstance(values, list) else [values]:
+                    if value and is_within(value, dump):
+                        raise UserError(f"--{name} {value} lies inside --dump_path {dump}; --force would delete it")
             shutil.rmtree(dump)
         dump.mkdir(parents=True, exist_ok=True)
 
@@ -303,7 +309,7 @@ class CheckpointManager:
         if data_identity(cfg.data_file) != ck_meta["data"]:
             raise UserError(f"cannot resume: {cfg.data_file} is not the data the checkpoint was trained on")
         if run_teacher_identity(cfg) != ck_meta["teacher"]:
-            which = cfg.teacher_cache or cfg.teacher_name
+            which = cfg.teacher_cache or ", ".join(cfg.teacher_names())
             raise UserError(f"cannot resume: {which} is not the teacher the checkpoint was trained with")
         for change in harmless:
             note(f"resuming with a changed setting: {change}")

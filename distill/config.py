@@ -39,7 +39,15 @@ class TrainConfig:
     student_config: str = _f(None, "student config.json (optional with --student_pretrained_weights)")
     student_pretrained_weights: str = _f(None, "initial student: a folder written by scripts/extract.py")
     teacher_type: str = _f(None, "teacher family: bert, distilbert, roberta, gpt2, llama or auto (required)")
-    teacher_name: str = _f(None, "teacher: a local model folder or a .gguf file (required without --teacher_cache)")
+    teacher_name: str = _f(None, "teacher: a local model folder or a .gguf file (required without --teacher_cache); "
+                                 "repeat it (a list in a config file) for several teachers, whose soft targets are "
+                                 "combined (--teacher_weights, --teacher_combine); the first one's hidden states "
+                                 "serve the hidden-state losses")
+    teacher_weights: str = _f(None, "with several --teacher_name: their weights, comma-separated in the same order "
+                                    "(a list in a config file), normalised to sum to 1 (default: equal; added here)")
+    teacher_combine: str = _f("probs", "with several teachers: probs averages their softmax(logits / T) with the "
+                                       "weights, logits averages their logits (added here)",
+                              choices=["probs", "logits"])
     teacher_cache: str = _f(None, "a teacher cache written by scripts/cache_teacher.py: the soft targets come from "
                                   "its top-k log-probabilities and the teacher is not loaded (causal LM; added here)")
     teacher_cache_k: int = _f(None, "refuse a --teacher_cache that does not hold this many tokens a position "
@@ -130,6 +138,7 @@ class TrainConfig:
             if getattr(self, name) in (None, ""):
                 alternative = " (or --teacher_cache)" if name.startswith("teacher") else ""
                 raise UserError(f"--{name} is required{alternative}")
+        self._validate_teachers()
         self._validate_cache()
         if self.student_config is None and self.student_pretrained_weights is None:
             raise UserError("give --student_config or --student_pretrained_weights")
@@ -193,6 +202,47 @@ class TrainConfig:
             raise UserError("--report_to wandb needs the wandb package, which is not installed: pip install "
                             "'distill[wandb]' (or pip install wandb)")
         return names
+
+    def teacher_names(self) -> list[str]:
+        """The --teacher_name teachers in their order ([] with a teacher cache and none given)."""
+        if self.teacher_name is None:
+            return []
+        return [self.teacher_name] if isinstance(self.teacher_name, str) else list(self.teacher_name)
+
+    def teacher_weight_list(self) -> tuple[float, ...]:
+        """The teachers' weights, normalised to sum to 1 (equal by default)."""
+        from distill.losses.ensemble import normalised_weights
+
+        n = len(self.teacher_names())
+        given = None if self.teacher_weights is None else [float(w) for w in str(self.teacher_weights).split(",")]
+        return normalised_weights(given, max(n, 1))
+
+    def _validate_teachers(self) -> None:
+        names = self.teacher_names()
+        if isinstance(self.teacher_name, (list, tuple)):
+            if not names or any(not isinstance(n, str) or not n for n in names):
+                raise UserError("--teacher_name must name a model folder or a .gguf file")
+            if len(set(names)) < len(names):
+                raise UserError(f"--teacher_name {next(n for n in names if names.count(n) > 1)} is given twice")
+            self.teacher_name = names[0] if len(names) == 1 else names
+        if self.teacher_weights is not None:
+            try:
+                weights = [float(w) for w in str(self.teacher_weights).split(",")]
+            except ValueError:
+                raise UserError(f"--teacher_weights must be comma-separated numbers, got {self.teacher_weights!r}") \
+                    from None
+            if len(weights) != max(len(names), 1):
+                raise UserError(f"--teacher_weights gives {len(weights)} weights for {len(names)} teacher(s); give one "
+                                "per --teacher_name")
+            if any(not (math.isfinite(w) and w > 0) for w in weights):
+                raise UserError(f"--teacher_weights must be finite positive numbers, got {self.teacher_weights}")
+        if len(names) > 1:
+            if self.teacher_cache is not None:
+                raise UserError("--teacher_cache holds one teacher's top-k: it cannot be combined with several "
+                                "--teacher_name; train with the teachers themselves")
+            if self.alpha_mse > 0 and self.teacher_combine == "probs":
+                raise UserError("--alpha_mse compares logits, and --teacher_combine probs averages the teachers' "
+                                "probabilities; use --teacher_combine logits with it")
 
     def _validate_cache(self) -> None:
         """What a teacher cache cannot give: MLM targets, hidden states, full logits."""
@@ -286,7 +336,7 @@ def build_parser(plugin_terms: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", help=help_)
             continue
-        if f.name in ("report_to", "plugins"):
+        if f.name in ("report_to", "plugins", "teacher_name"):
             p.add_argument(flag, action="append", metavar=f.name.upper(), help=f"{help_} (default: {f.default})")
             continue
         if f.name == "losses":  # the config file's section, and the plug-in terms' own flags below
@@ -330,8 +380,12 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _coerce(key: str, kind: str, v: Any) -> Any:
     if v is None:
         return None
-    if key in ("report_to", "plugins") and isinstance(v, (list, tuple)):  # repeated, or a YAML list
+    if key in ("report_to", "plugins", "teacher_weights") and isinstance(v, (list, tuple)):  # repeated, or a list
         return ",".join(str(x) for x in v)
+    if key == "teacher_name" and isinstance(v, (list, tuple)):  # repeated, or a list: several teachers
+        if not all(isinstance(x, str) for x in v):
+            raise UserError("config key teacher_name must be a string or a list of strings")
+        return v[0] if len(v) == 1 else list(v)
     if key == "losses":
         if not isinstance(v, dict):
             raise UserError("config key losses must be a mapping of loss term names to weights")

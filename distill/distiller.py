@@ -71,7 +71,7 @@ class Distiller:
                  collator: Collator, device: torch.device, *, student_objective: str,
                  layer_map: list[tuple[int, int]] | None = None, projection: nn.Module | None = None,
                  on_log: Callable[[dict], None] | None = None, checkpoints: CheckpointManager | None = None,
-                 dist: DistEnv | None = None):
+                 dist: DistEnv | None = None, extra_teachers: list[nn.Module] = ()):
         self.cfg = cfg
         self.device = device
         self.dist = dist if dist is not None else DistEnv(device=device)
@@ -80,8 +80,13 @@ class Distiller:
         self.student = student.to(device).train()
         # No teacher: its soft targets come with each batch, from a teacher cache (the collator's).
         self.teacher = None if teacher is None else teacher.to(device).eval()
-        for p in () if teacher is None else self.teacher.parameters():
-            p.requires_grad_(False)
+        # Several teachers: the ones after the first serve the soft targets only, combined with the first's
+        # (L.TeacherEnsemble: cfg.teacher_combine, with cfg.teacher_weights).
+        self.extra_teachers = [t.to(device).eval() for t in extra_teachers]
+        for model in ([] if teacher is None else [self.teacher]) + self.extra_teachers:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        self.teacher_weights = cfg.teacher_weight_list() if self.extra_teachers else (1.0,)
         self.mlm = student_objective == "mlm"
         # The enabled loss terms (distill.losses.terms), in the registry's order, and what they need.
         self.alphas = cfg.loss_weights(mlm=self.mlm)
@@ -184,6 +189,8 @@ class Distiller:
             return None, None
         proj = L.output_projection(self.teacher) if self.need_teacher_logits else None
         extra = {f"output_{o}": True for o in self.teacher_outputs}
+        others = [self._teacher_logits(t, input_ids, attention_mask)
+                  for t in (self.extra_teachers if self.need_teacher_logits else [])]
         with torch.inference_mode(), self._autocast():
             if proj is not None:
                 with L.projection_input(self.teacher):
@@ -200,6 +207,9 @@ class Distiller:
                                               output_hidden_states=self.need_hidden, **extra)
                 logits, hidden = None, out.hidden_states
         self._teacher_out = out  # the terms that ask for further outputs read them here
+        if others:
+            logits = L.TeacherEnsemble([logits, *others], self.teacher_weights, self.cfg.teacher_combine,
+                                       self.cfg.temperature)
         if hidden is not None:
             # Autograd may not save inference tensors; the cosine/MSE backward saves the teacher's
             # side, so the layers that are matched (all, for a plug-in term without a layer map)
@@ -207,6 +217,16 @@ class Distiller:
             used = {t for _, t in self.layer_map} if self.layer_map else set(range(len(hidden)))
             hidden = tuple(h.clone() if i in used else h for i, h in enumerate(hidden))
         return logits, hidden
+
+    def _teacher_logits(self, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """A further teacher's logits only (L.ProjectedLogits for a plain vocabulary projection)."""
+        proj = L.output_projection(teacher)
+        with torch.inference_mode(), self._autocast():
+            if proj is None:
+                return teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            with L.projection_input(teacher):
+                out = teacher(input_ids=input_ids, attention_mask=attention_mask)
+            return L.ProjectedLogits(out.logits, proj.weight, proj.bias, self.amp_dtype)
 
     def loss_sums(self, batch: dict, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward teacher and student on one micro-batch (on the device); each enabled loss as a sum."""
@@ -239,7 +259,7 @@ class Distiller:
                 labels=lm_labels if has_lm else None, label_mask=lm_mask if has_lm else None,
                 compute_dtype=self.amp_dtype, workspace=self.loss_workspace, divergence=self.divergence)
             sums = {k: fused[self.terms[k].fused] for k in vocab}
-        elif isinstance(t_logits, L.ProjectedLogits):
+        elif isinstance(t_logits, (L.ProjectedLogits, L.TeacherEnsemble)):
             t_logits = t_logits.materialize()
         rest = [k for k in self.enabled if k not in sums]
         if rest:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,25 +41,32 @@ class Run:
     layer_map: list[tuple[int, int]] | None  # (student layer, teacher layer) for the hidden-state losses
     projection: torch.nn.Module | None  # learned student -> teacher width map, when the widths differ
     cache: TeacherCache | None = None  # --teacher_cache
+    extra_teachers: list = field(default_factory=list)  # several --teacher_name: the ones after the first
 
 
 def build_run(cfg: TrainConfig, world_size: int = 1) -> Run:
     """Load data, teacher and student, check that they fit together and the flags fit them."""
     if cfg.teacher_cache is not None:
         return build_cached_run(cfg, world_size)
-    for name in ("teacher_name", "data_file"):
-        if not Path(getattr(cfg, name)).exists():
-            raise UserError(f"--{name} {getattr(cfg, name)} does not exist")
+    names = cfg.teacher_names()
+    for flag, path in [("--teacher_name", n) for n in names] + [("--data_file", cfg.data_file)]:
+        if not Path(path).exists():
+            raise UserError(f"{flag} {path} does not exist")
     dataset = LMSeqsDataset(cfg.data_file, max_model_input_size=cfg.max_model_input_size)
     teacher = load_teacher(cfg)
     student = build_student(cfg)
     tok = teacher_tokenizer(cfg)
     check_compatibility(cfg, teacher, student, dataset, tok)
+    extra = [load_teacher(cfg, name) for name in names[1:]]
+    for name, loaded in zip(names[1:], extra):
+        check_extra_teacher(cfg, name, loaded, student, tok)
     check_terms(cfg, student, teacher)
-    check_sizes(cfg, teacher, student, dataset, world_size)
+    for loaded in (teacher, *extra):
+        check_sizes(cfg, loaded, student, dataset, world_size)
     layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
     freeze(cfg, student.model)
-    return Run(dataset, teacher, student, tok, build_collator(cfg, dataset), layer_map, projection)
+    return Run(dataset, teacher, student, tok, build_collator(cfg, dataset), layer_map, projection,
+               extra_teachers=extra)
 
 
 def build_cached_run(cfg: TrainConfig, world_size: int) -> Run:
@@ -133,20 +140,22 @@ def use_gpu(cfg: TrainConfig, given: set[str]) -> bool:
 # -- models -----------------------------------------------------------------------------------
 
 
-def load_teacher(cfg: TrainConfig) -> M.LoadedModel:
+def load_teacher(cfg: TrainConfig, name: str | None = None) -> M.LoadedModel:
+    """The teacher ``name`` (by default the first --teacher_name)."""
+    name = name or cfg.teacher_names()[0]
     with quiet_transformers(progress_bars=True):  # newly initialised weights are detected and said in one line
-        loaded = M.load_model(cfg.teacher_type, cfg.teacher_name)
-    if loaded.lm_head_initialized:
-        note(f"the teacher {cfg.teacher_name} has no LM head in its checkpoint: only the hidden-state losses "
+        loaded = M.load_model(cfg.teacher_type, name)
+    if loaded.lm_head_initialized and name == cfg.teacher_names()[0]:
+        note(f"the teacher {name} has no LM head in its checkpoint: only the hidden-state losses "
              "(--alpha_cos, --alpha_hidden_mse) can use it")
     return loaded
 
 
-def teacher_tokenizer(cfg: TrainConfig):
-    """The teacher's tokenizer, or None when its folder holds none."""
+def teacher_tokenizer(cfg: TrainConfig, name: str | None = None):
+    """The tokenizer of teacher ``name`` (by default the first), or None when its folder holds none."""
     from transformers import AutoTokenizer
 
-    name = Path(cfg.teacher_name)
+    name = Path(name or cfg.teacher_names()[0])
     if name.suffix != ".gguf" and not has_tokenizer(name):
         return None  # AutoTokenizer would return a tiny default instead of failing
     try:
@@ -202,8 +211,8 @@ def check_compatibility(cfg: TrainConfig, teacher: M.LoadedModel, student: M.Loa
                         "than the teacher's; binarize it with --tokenizer_name set to the teacher")
     if (cfg.alpha_ce > 0 or cfg.alpha_mse > 0) and teacher.lm_head_initialized:
         which = "--alpha_ce" if cfg.alpha_ce > 0 else "--alpha_mse"
-        raise UserError(f"{which} needs the teacher's LM head, but {cfg.teacher_name} has none (its head would be "
-                        "random); set it to 0 and use --alpha_cos / --alpha_mlm")
+        raise UserError(f"{which} needs the teacher's LM head, but {cfg.teacher_names()[0]} has none (its head would "
+                        "be random); set it to 0 and use --alpha_cos / --alpha_mlm")
     if cfg.mlm and dataset.meta["special_token_ids"].get("mask_token") is None:
         raise UserError(f"--mlm needs a mask token, and the tokenizer of {cfg.data_file} has none")
     if cfg.freeze_pos_embs and not M.has_position_embeddings(student.model):
@@ -212,13 +221,35 @@ def check_compatibility(cfg: TrainConfig, teacher: M.LoadedModel, student: M.Loa
         note("--freeze_token_type_embds has no effect: the student has no token type embeddings")
 
 
+def check_extra_teacher(cfg: TrainConfig, name: str, teacher: M.LoadedModel, student: M.LoadedModel,
+                        first_tok) -> None:
+    """A teacher after the first serves the soft-target losses only: it must share the student's
+    vocabulary (the first teacher's tokenizer, when both have one) and have an LM head."""
+    if cfg.alpha_ce == 0 and cfg.alpha_mse == 0:
+        raise UserError(f"--teacher_name {name}: a second teacher serves only the soft-target losses, and --alpha_ce "
+                        "and --alpha_mse are 0")
+    if teacher.objective != student.objective:
+        raise UserError(f"the teacher {name} is a {teacher.objective.upper()} model and the student a "
+                        f"{student.objective.upper()} model; every teacher must be of the student's kind")
+    t_vocab, s_vocab = teacher.model.config.vocab_size, student.model.config.vocab_size
+    tok = teacher_tokenizer(cfg, name)
+    if t_vocab != s_vocab or (tok is not None and first_tok is not None
+                              and vocab_fingerprint(tok) != vocab_fingerprint(first_tok)):
+        detail = f"{t_vocab} vs {s_vocab} ids" if t_vocab != s_vocab else "another tokenizer than the first teacher's"
+        raise UserError(f"the teacher {name} does not share the student's vocabulary ({detail}); several teachers "
+                        "must all use the student's tokenizer")
+    if teacher.lm_head_initialized:
+        raise UserError(f"the teacher {name} has no LM head in its checkpoint, and a second teacher serves only the "
+                        "soft-target losses, which need one")
+
+
 def check_terms(cfg: TrainConfig, student: M.LoadedModel, teacher: M.LoadedModel | None) -> None:
     """Every weighted loss term can run with these models (distill.losses.terms.check_needs)."""
     from distill.losses.terms import TERMS, check_needs
 
     for name, weight in cfg.loss_weights().items():
         if weight > 0 and (reason := check_needs(TERMS[name], student, teacher)) is not None:
-            where = cfg.teacher_name if teacher is not None else cfg.teacher_cache
+            where = cfg.teacher_names()[0] if teacher is not None else cfg.teacher_cache
             raise UserError(f"--alpha_{name}: the {name} loss {reason} ({where})")
 
 

@@ -62,7 +62,8 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
     teacher = None if run.teacher is None else run.teacher.model  # None: the soft targets are cached
     distiller = Distiller(cfg, run.student.model, teacher, run.dataset, run.collator, env.device,
                           student_objective=run.student.objective, layer_map=run.layer_map,
-                          projection=run.projection, checkpoints=checkpoints, dist=env)
+                          projection=run.projection, checkpoints=checkpoints, dist=env,
+                          extra_teachers=[m.model for m in run.extra_teachers])
     if state is not None:
         distiller.load_state_dict(state)
         del state
@@ -105,8 +106,14 @@ def describe(cfg: TrainConfig, run: Run) -> None:
 
     losses = ", ".join(f"{k}={v}" for k, v in cfg.loss_weights().items() if v > 0)
     say(f"data: {run.dataset.stats.summary()}")
-    teacher = (f"cached in {run.cache.describe()}; not loaded" if run.teacher is None
-               else f"{cfg.teacher_name} ({params(run.teacher.model):,} parameters)")
+    if run.teacher is None:
+        teacher = f"cached in {run.cache.describe()}; not loaded"
+    else:
+        models = [run.teacher, *run.extra_teachers]
+        teacher = "; ".join(f"{name} ({params(m.model):,} parameters)" for name, m in zip(cfg.teacher_names(), models))
+        if len(models) > 1:
+            weights = ", ".join(f"{w:.3g}" for w in cfg.teacher_weight_list())
+            teacher = f"{len(models)} teachers, {cfg.teacher_combine} averaged with weights {weights}: {teacher}"
     say(f"teacher: {teacher}; student: {params(run.student.model):,} parameters; losses: {losses}")
 
 

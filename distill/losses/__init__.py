@@ -10,9 +10,11 @@
 * :mod:`.kernels`: the per-block loss math both vocabulary paths share, and :class:`Workspace`.
 * :mod:`.divergences`: the soft-target divergences beyond forward KL.
 * :mod:`.cached`: soft targets from a teacher cache (top-k and a tail bucket), :class:`CachedTargets`.
+* :mod:`.ensemble`: several teachers combined as one, :class:`TeacherEnsemble`.
 """
 
 from distill.losses.cached import CachedTargets, cached_soft_target
+from distill.losses.ensemble import TeacherEnsemble
 from distill.losses.fused import ProjectedLogits, projected_vocab_losses
 from distill.losses.heads import ProjectionInput, output_projection, projection_input
 from distill.losses.hidden import (
@@ -40,6 +42,7 @@ __all__ = [
     "soft_target_ce",
     "cached_soft_target",
     "CachedTargets",
+    "TeacherEnsemble",
     "lm_ce",
     "clm_ce",
     "logits_mse",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from distill.losses.cached import CachedTargets, cached_rows, check_targets
 from distill.losses.divergences import FORWARD_KL, Divergence, divergence_rows
+from distill.losses.ensemble import TeacherEnsemble
 from distill.losses.kernels import Workspace, ce_rows, floored_copy, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
 
@@ -96,7 +97,7 @@ class _Plan:
     index: Tensor | None  # (K,) on the device: the rows of the flattened hidden, in that order; None = all N
     k_ce: int  # the first k_ce rows carry labels (0 without lm_ce)
     labels: Tensor | None  # (K,) class ids of the rows, clamped to >= 0; only the first k_ce are read
-    teacher: ProjectedLogits | Tensor | CachedTargets | None  # its logits (B, L, V) / (N, V), uncomputed, or cached
+    teacher: ProjectedLogits | Tensor | CachedTargets | TeacherEnsemble | None  # logits, uncomputed, cached
     compute_dtype: torch.dtype  # of the matmuls and of the kept logit gradients; softmaxes are fp32
     chunk: int  # rows projected at a time
     group: int  # kl/mse gradient rows of unlabelled rows taken through the projection at a time
@@ -163,22 +164,43 @@ class _ForwardPass:
             self._allocate_grads()
 
     def _teacher_operands(self) -> None:
-        """The teacher's side: its rows (t_rows) or its projection's operands (t_x, t_w, t_b)."""
+        """The teacher's side: its cached top-k rows (t_cached), or per teacher (several for a
+        TeacherEnsemble) its logits' rows or its projection's operands (t_ops)."""
         p, teacher = self.plan, self.plan.teacher
-        self.t_rows = self.t_x = self.t_w = self.t_b = self.t_cached = None
+        self.t_cached, self.t_ops, self.ensemble = None, [], None
         if isinstance(teacher, CachedTargets):  # its top-k rows, in the order of the rows computed on
             self.t_cached = teacher.flat() if p.index is None else teacher.rows(p.index)
-        elif isinstance(teacher, ProjectedLogits):
-            th = teacher.hidden.reshape(self.n_rows, teacher.hidden.shape[-1])
-            self.t_x = (th if p.index is None else th.index_select(0, p.index)).to(p.compute_dtype)
-            self.t_w = teacher.weight.to(p.compute_dtype)
-            # A -inf bias (masked vocabulary) would make 0 * -inf = NaN in the KL sum: floor it.
-            self.t_b = None if teacher.bias is None else floored_copy(teacher.bias, p.scale).to(p.compute_dtype)
         elif teacher is not None:
-            self.t_rows = teacher.reshape(self.n_rows, teacher.shape[-1])
+            if isinstance(teacher, TeacherEnsemble):
+                self.ensemble = teacher
+            for member in teacher.members if self.ensemble is not None else [teacher]:
+                self.t_ops.append(self._member_operands(member))
         # Teacher logits to make per chunk (none from a cache).
-        self.uses_teacher = (teacher is not None and self.t_cached is None
-                             and any(tm.kind != "ce" for tm in p.terms))
+        self.uses_teacher = bool(self.t_ops) and any(tm.kind != "ce" for tm in p.terms)
+
+    def _member_operands(self, teacher) -> tuple:
+        """("rows", (N, V) logits) or ("proj", x (K, H), weight, bias) in the compute dtype."""
+        p = self.plan
+        if isinstance(teacher, ProjectedLogits):
+            th = teacher.hidden.reshape(self.n_rows, teacher.hidden.shape[-1])
+            t_x = (th if p.index is None else th.index_select(0, p.index)).to(p.compute_dtype)
+            # A -inf bias (masked vocabulary) would make 0 * -inf = NaN in the KL sum: floor it.
+            t_b = None if teacher.bias is None else floored_copy(teacher.bias, p.scale).to(p.compute_dtype)
+            return ("proj", t_x, teacher.weight.to(p.compute_dtype), t_b)
+        return ("rows", teacher.reshape(self.n_rows, teacher.shape[-1]))
+
+    def _teacher_block(self, a: int, z: int) -> Tensor:
+        """The teacher's logits of rows a..z-1 times the plan's scale (the ensemble's, combined)."""
+        p, n = self.plan, z - a
+        blocks = []
+        for j, op in enumerate(self.t_ops):
+            if op[0] == "rows":
+                blocks.append(floored_copy(op[1][slice(a, z) if p.index is None else p.index[a:z]], p.scale))
+            else:
+                blocks.append(self.project(op[1][a:z], op[2], op[3], self.scratch(f"t{j}", n, p.compute_dtype)))
+        if self.ensemble is None:
+            return blocks[0]
+        return self.ensemble.combine_blocks(blocks, p.scale).to(blocks[0].dtype)
 
     def _allocate_grads(self) -> None:
         p, K, V, H = self.plan, self.K, self.V, self.x.shape[1]
@@ -224,10 +246,7 @@ class _ForwardPass:
         s = self.project(self.x[a:z], self.w, self.b, self.scratch("s", n, p.compute_dtype))  # (n, V)
         t = None
         if self.uses_teacher:
-            if self.t_rows is not None:
-                t = floored_copy(self.t_rows[slice(a, z) if p.index is None else p.index[a:z]], p.scale)
-            else:
-                t = self.project(self.t_x[a:z], self.t_w, self.t_b, self.scratch("t", n, p.compute_dtype))
+            t = self._teacher_block(a, z)
         # ce and mse first: kl, usually on every row, then reads the blocks last (it overwrites them).
         for i in sorted(range(len(p.terms)), key=lambda i: p.terms[i].kind == "kl"):
             term = p.terms[i]
@@ -477,7 +496,7 @@ def projected_vocab_losses(
     weight: Tensor,
     bias: Tensor | None = None,
     *,
-    teacher: ProjectedLogits | Tensor | None = None,
+    teacher: ProjectedLogits | Tensor | TeacherEnsemble | None = None,
     temperature: float = 1.0,
     soft_target: bool = False,
     mse: bool = False,
@@ -508,7 +527,8 @@ def projected_vocab_losses(
         weight: (V, H); bias: (V,) or None. Both receive gradients when they require them.
         teacher: the teacher's logits, as a (B, L, V) tensor or uncomputed :class:`ProjectedLogits`; or
             its cached top-k (:class:`~distill.losses.cached.CachedTargets`, soft_target only), for the
-            divergence over those tokens and one tail bucket (:mod:`.cached`).
+            divergence over those tokens and one tail bucket (:mod:`.cached`); or several teachers'
+            as a :class:`~distill.losses.ensemble.TeacherEnsemble`, combined a chunk at a time.
         mask: (B, L) or (N,) rows of soft_target / mse; None = all.
         labels: (B, L) or (N,) class ids, ``ignore_index`` where no loss; label_mask: their
             ``labels != ignore_index`` if at hand (on the CPU it saves a host sync).
