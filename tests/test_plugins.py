@@ -53,6 +53,36 @@ def test_a_plug_in_file_outside_the_package_adds_a_term_that_trains(world, tmp_p
     assert metrics_without_timing(tmp_path / "run2") == rows
 
 
+@pytest.mark.slow
+def test_an_installed_package_adds_a_term_through_its_entry_point(world, tmp_path):
+    """A package on the path that declares a ``distill.loss_terms`` entry point: its term is loaded in
+    every run, with no --plugins flag, and trains like the file given with --plugins."""
+    import os
+
+    site = tmp_path / "site"
+    pkg = site / "my_distill_terms"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(EXAMPLE.read_text().replace('"embedding_cosine"', '"pkg_embedding_cosine"'))
+    info = site / "my_distill_terms-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-distill-terms\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[distill.loss_terms]\nembedding = my_distill_terms\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = ok(launch(world.train_args(tmp_path / "run", "--alpha_pkg_embedding_cosine", "2.0", max_steps=4), **env))
+    assert "pkg_embedding_cosine=2.0" in r.stdout
+    rows = metrics_without_timing(tmp_path / "run")
+    # The same term from the file: the same run, under the entry point's name.
+    ok(launch(world.train_args(tmp_path / "file", "--plugins", str(EXAMPLE), "--alpha_embedding_cosine", "2.0",
+                               max_steps=4)))
+    renamed = [{k.replace("loss_embedding_cosine", "loss_pkg_embedding_cosine"): v for k, v in row.items()}
+               for row in metrics_without_timing(tmp_path / "file")]
+    assert rows == renamed
+    # A broken entry point is one sentence.
+    (pkg / "__init__.py").write_text("raise ImportError('missing dependency')\n")
+    r = launch(world.train_args(tmp_path / "run2", max_steps=2), **env)
+    assert r.returncode == 2 and "the loss-term entry point embedding (my_distill_terms) failed to load" in r.stderr
+
+
 def test_a_term_is_computed_as_its_definition_says(world, tmp_path):
     """The plug-in's value in a Distiller step equals the same formula written out on the models."""
     from distill.distiller import Distiller
