@@ -180,7 +180,8 @@ def load_for_resume(dump: Path, path: str | None, warn) -> tuple[dict, dict, Pat
 
 # Config fields a resumed run may change; every other field must match the checkpoint's.
 HARMLESS = {"report_to", "log_interval", "checkpoint_interval", "max_steps", "keep_checkpoints", "num_workers", "force",
-            "resume", "config", "dump_path", "n_gpu", "local_rank", "fp16_opt_level", "max_bad_steps"}
+            "resume", "config", "dump_path", "n_gpu", "local_rank", "fp16_opt_level", "max_bad_steps",
+            "fsdp", "gradient_checkpointing"}
 
 
 PATHS = {"data_file", "teacher_name", "teacher_cache", "student_config", "student_pretrained_weights", "token_counts"}

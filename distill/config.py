@@ -48,6 +48,9 @@ class TrainConfig:
     teacher_combine: str = _f("probs", "with several teachers: probs averages their softmax(logits / T) with the "
                                        "weights, logits averages their logits (added here)",
                               choices=["probs", "logits"])
+    teacher_dtype: str = _f(None, "the dtype every teacher is loaded and kept in: fp32, bf16 or fp16 (default: bf16 on "
+                                  "a GPU that supports it, else fp16 with --fp16; on the CPU bf16 with --bf16, "
+                                  "else fp32; added here)", choices=["fp32", "bf16", "fp16"])
     teacher_cache: str = _f(None, "a teacher cache written by scripts/cache_teacher.py: the soft targets come from "
                                   "its top-k log-probabilities and the teacher is not loaded (causal LM; added here)")
     teacher_cache_k: int = _f(None, "refuse a --teacher_cache that does not hold this many tokens a position "
@@ -104,12 +107,18 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-6, "AdamW epsilon")
     max_grad_norm: float = _f(5.0, "gradient clipping norm (0: no clipping)")
     max_model_input_size: int = _f(512, "longest input; longer sequences are cut into chunks (added here)")
+    gradient_checkpointing: bool = _f(False, "recompute the student's layer activations in the backward pass "
+                                             "instead of keeping them (the model's gradient_checkpointing_enable); "
+                                             "the same results, less memory, about a third more compute (added here)")
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a NaN/Inf loss (added here)")
     # -- precision and devices -------------------------------------------------------------------
     fp16: bool = _f(False, "fp16 autocast with a gradient scaler (GPU)")
     fp16_opt_level: str = _f("O1", "apex's level; accepted for compatibility, torch.amp is used instead")
     bf16: bool = _f(False, "bf16 autocast (CPU and GPU; added here)")
     n_gpu: int = _f(1, "GPUs to use (0: CPU)")
+    fsdp: bool = _f(False, "under torchrun: shard the student (per transformer layer, then as a whole) and the "
+                           "teachers over the processes with PyTorch FSDP2 (fully_shard) instead of replicating them "
+                           "(added here)")
     local_rank: int = _f(-1, "set by the launcher; accepted for compatibility")
     seed: int = _f(56, "random seed of every generator the run draws from (initialisation, dropout, "
                        "masking, batch order)")
@@ -202,6 +211,18 @@ class TrainConfig:
             raise UserError("--report_to wandb needs the wandb package, which is not installed: pip install "
                             "'distill[wandb]' (or pip install wandb)")
         return names
+
+    def teacher_torch_dtype(self, cuda: bool):
+        """The dtype the teachers are held in (``--teacher_dtype``, or its default for the device)."""
+        import torch
+
+        name = self.teacher_dtype
+        if name is None:
+            if cuda:
+                name = "bf16" if torch.cuda.is_bf16_supported() else "fp16" if self.fp16 else "fp32"
+            else:
+                name = "bf16" if self.bf16 else "fp32"
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
     def teacher_names(self) -> list[str]:
         """The --teacher_name teachers in their order ([] with a teacher cache and none given)."""

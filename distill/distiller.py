@@ -29,7 +29,8 @@ from distill.config import TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
-from distill.distributed import DistEnv, wrap
+from distill.distributed import (DistEnv, full_model_state_dicts, full_state_dicts, load_full_state_dicts,
+                                shard, wrap)
 from distill.errors import UserError
 from distill.losses.terms import TERMS, TermContext
 from distill.memory import fix_mmap_threshold
@@ -103,8 +104,15 @@ class Distiller:
             term.prepare(self.student, self.teacher)
         self.layer_map = layer_map
         self.projection = projection.to(device) if projection is not None else None
-        # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper.
-        self.model = wrap(self.dist, self.student, self.projection)
+        # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper, or
+        # with --fsdp the sharded root holding it (distill.distributed.shard: the teachers are sharded too).
+        self.fsdp = bool(getattr(cfg, "fsdp", False)) and self.dist.enabled
+        if self.fsdp:
+            param_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+            teachers = ([] if self.teacher is None else [self.teacher]) + self.extra_teachers
+            self.model = shard(self.student, self.projection, teachers, param_dtype)
+        else:
+            self.model = wrap(self.dist, self.student, self.projection)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
         self.loss_workspace = L.Workspace()
         self.divergence = cfg.soft_divergence()  # of the soft-target loss
@@ -270,6 +278,9 @@ class Distiller:
                               divergence=self.divergence)
             for k in rest:
                 sums[k] = self.terms[k].compute(ctx)
+        if self.fsdp:  # the teachers' roots stayed gathered for the losses (distill.distributed.shard)
+            for t in ([] if self.teacher is None else [self.teacher]) + self.extra_teachers:
+                t.reshard()
         return {k: sums[k] for k in self.enabled}
 
     def step(self, micro_batches: list[dict]) -> StepResult:
@@ -294,7 +305,9 @@ class Distiller:
         for i, (b, m) in enumerate(zip(micro_batches, masks)):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            if self.fsdp:  # gradients are reduce-scattered on the last micro-batch only
+                self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or not self.dist.enabled or self.fsdp else self.model.no_sync()
             with sync:
                 loss = torch.zeros((), device=self.device)
                 for k, s in self.loss_sums(b, m).items():
@@ -321,6 +334,8 @@ class Distiller:
         # With max_grad_norm 0 the norm is still measured (an infinite threshold clips nothing).
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(loss_total)
         if self.scaler is None:
             finite = finite & torch.isfinite(grad_norm)
@@ -425,10 +440,16 @@ class Distiller:
                 "window": {"steps": w.steps, "loss": float(w.loss), "tokens": w.tokens,
                            "parts": {k: float(v) for k, v in w.parts.items()}}}
         ranks = self.dist.gather_objects(mine)
+        if self.fsdp:  # whole tensors on the main process, in the one-process layout (any world size resumes)
+            student, projection, optimizer = full_state_dicts(self.model, self.optimizer)
+            projection = projection if self.projection is not None else None
+        else:
+            student, optimizer = self.student.state_dict(), self.optimizer.state_dict()
+            projection = None if self.projection is None else self.projection.state_dict()
         return {
-            "student": self.student.state_dict(),
-            "projection": None if self.projection is None else self.projection.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": student,
+            "projection": projection,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "global_step": self.global_step,
@@ -446,10 +467,14 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         from distill.checkpoint import set_rng_state
 
-        self.student.load_state_dict(state["student"])
-        if self.projection is not None:
-            self.projection.load_state_dict(state["projection"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_full_state_dicts(self.model, self.optimizer, state["student"], state["projection"],
+                                  state["optimizer"])
+        else:
+            self.student.load_state_dict(state["student"])
+            if self.projection is not None:
+                self.projection.load_state_dict(state["projection"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -484,6 +509,21 @@ class Distiller:
         set_rng_state(rng)
         if len(ranks) != world and rank >= len(ranks):
             torch.manual_seed(self.cfg.seed + 7919 * rank + self.global_step)  # dropout apart from rank 0's
+
+    def student_state_dict(self) -> dict | None:
+        """The student's whole state dict for writing it (gathered on the main process with --fsdp,
+        a collective then; None when the model's own state dict serves)."""
+        if not self.fsdp:
+            return None
+        weights = full_model_state_dicts(self.model)[0]
+        # Tied weights (an LM head sharing the input embeddings) are gathered as separate copies, and
+        # save_pretrained would write each: keep the first name, as it does for the tied module.
+        seen = set()
+        for name, p in self.student.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                weights.pop(name, None)
+            seen.add(id(p))
+        return weights
 
     def _on_bad_step(self) -> None:
         self.bad_steps += 1

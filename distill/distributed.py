@@ -3,7 +3,7 @@
 One process per device. ``torchrun`` (or any launcher that sets ``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) starts them; nccl on GPUs, gloo on CPU. The
 student is wrapped in DistributedDataParallel; the teacher is replicated on every rank and never
-wrapped. A second, gloo, group carries the small CPU-side agreements (loss counts, the stop flag,
+wrapped; with ``--fsdp`` both are sharded instead (:func:`shard`). A second, gloo, group carries the small CPU-side agreements (loss counts, the stop flag,
 RNG states for the checkpoint), so they never wait on the GPU.
 
 Without those variables everything here is a no-op on a world of one process.
@@ -151,6 +151,54 @@ class StudentWithProjection(nn.Module):
         return self.student(**kwargs)
 
 
+# ------------------------------------------------------------------------------------------------
+# FSDP2 (--fsdp): PyTorch's own sharding, torch.distributed.fsdp.fully_shard
+
+_LAYER_LISTS = ("layer", "layers", "h", "blocks")  # BERT/RoBERTa/DistilBERT, Llama, GPT-2, others
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (the longest ModuleList named like one), each of which
+    becomes its own FSDP unit; a UserError when there is none."""
+    from distill.errors import UserError
+
+    found = [(len(m), name) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and name.rsplit(".", 1)[-1] in _LAYER_LISTS]
+    if not found:
+        raise UserError(f"--fsdp: cannot find the transformer layers of {type(model).__name__} for per-layer "
+                        f"sharding (no module list named {', '.join(_LAYER_LISTS)})")
+    return model.get_submodule(max(found)[1])
+
+
+def shard(student: nn.Module, projection: nn.Module | None, teachers: list[nn.Module],
+          param_dtype: torch.dtype | None) -> nn.Module:
+    """Shard the student per transformer layer and then as a whole (the whole, with the hidden-state
+    projection, is :class:`StudentWithProjection`, the root unit the step calls), and every teacher
+    the same way; in place. Returns the root.
+
+    The student's units compute in ``param_dtype`` (--bf16/--fp16; None: fp32) and reduce gradients
+    in fp32. The teachers' layers reshard after their forward; their root (embeddings, vocabulary
+    projection) stays gathered until :meth:`~torch.distributed.fsdp.FSDPModule.reshard` is called
+    after the step's losses, because the fused losses apply the vocabulary projection themselves
+    after the forward, a chunk of rows at a time, from the whole weight. The student's root is not
+    resharded after its forward for the same reason (FSDP2's default for a root): the fused losses
+    run inside that unshard, and their weight gradient is reduce-scattered with the others."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in transformer_layers(student):
+        fully_shard(layer, mp_policy=mp)
+    if projection is not None:
+        fully_shard(projection, mp_policy=mp)
+    root = StudentWithProjection(student, projection)
+    fully_shard(root, mp_policy=mp)
+    for teacher in teachers:
+        for layer in transformer_layers(teacher):
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(teacher, reshard_after_forward=False)
+    return root
+
+
 def wrap(env: DistEnv, student: nn.Module, projection: nn.Module | None) -> nn.Module:
     """The module the training step calls: the student itself, or its DDP wrapper."""
     if not env.enabled:
@@ -161,3 +209,57 @@ def wrap(env: DistEnv, student: nn.Module, projection: nn.Module | None) -> nn.M
     ids = [env.local_rank] if env.device.type == "cuda" else None
     # The broadcast at construction makes every rank start from rank 0's weights.
     return DDP(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def _fqn_by_param(root: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in root.named_parameters()}
+
+
+def _optimizer_fqns(root: nn.Module, optimizer) -> list[str]:
+    """The FQN of each optimizer parameter, in the order a plain optimizer state dict numbers them."""
+    names = _fqn_by_param(root)
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_model_state_dicts(root: nn.Module) -> tuple[dict, dict]:
+    """The student's and the projection's whole state dicts from the sharded root, on the main
+    process (CPU); empty on the others. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    msd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    student = {k[len("student."):]: v for k, v in msd.items() if k.startswith("student.")}
+    projection = {k[len("projection."):]: v for k, v in msd.items() if k.startswith("projection.")}
+    return student, projection
+
+
+def full_state_dicts(root: nn.Module, optimizer) -> tuple[dict, dict, dict]:
+    """The sharded root's (see :func:`shard`) state as one process would have it: the student's and the
+    projection's state dicts and the optimizer's (numbered as a plain optimizer numbers its
+    parameters), with whole tensors, on the main process (CPU); empty on the others. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    student, projection = full_model_state_dicts(root)
+    osd = get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not student:  # not the main process
+        return {}, {}, {}
+    fqns = _optimizer_fqns(root, optimizer)
+    plain = optimizer.state_dict()  # its param_groups are numbered; its state is the local shards
+    state = {i: osd["state"][fqn] for i, fqn in enumerate(fqns) if fqn in osd["state"]}
+    return student, projection, {"state": state, "param_groups": plain["param_groups"]}
+
+
+def load_full_state_dicts(root: nn.Module, optimizer, student: dict, projection: dict | None,
+                          optim_state: dict) -> None:
+    """Load whole (one-process) state dicts into the sharded root and its optimizer: each rank keeps
+    its shards. Every rank passes the same dicts."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    msd = {f"student.{k}": v for k, v in student.items()}
+    msd.update({f"projection.{k}": v for k, v in (projection or {}).items()})
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(root, msd, options=opts)
+    fqns = _optimizer_fqns(root, optimizer)
+    osd = {"state": {fqns[int(i)]: st for i, st in optim_state["state"].items()},
+           "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    set_optimizer_state_dict(root, optimizer, osd, options=opts)

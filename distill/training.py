@@ -21,7 +21,7 @@ from distill.data.binarize import vocab_fingerprint
 from distill.data.collate import Collator, mlm_token_probs
 from distill.data.counts import load_token_counts
 from distill.data.dataset import LMSeqsDataset
-from distill.distributed import launched_by_torchrun
+from distill.distributed import launched_by_torchrun, transformer_layers
 from distill.errors import UserError, note
 from distill.fileio import publish_folder, temp_name, write_error
 from distill.hf import has_tokenizer, quiet_transformers
@@ -64,6 +64,9 @@ def build_run(cfg: TrainConfig, world_size: int = 1) -> Run:
     for loaded in (teacher, *extra):
         check_sizes(cfg, loaded, student, dataset, world_size)
     layer_map, projection = hidden_alignment(cfg, teacher.model, student.model)
+    if cfg.fsdp:  # every model is sharded per transformer layer: its layers must be found
+        for loaded in (student, teacher, *extra):
+            transformer_layers(loaded.model)
     freeze(cfg, student.model)
     return Run(dataset, teacher, student, tok, build_collator(cfg, dataset), layer_map, projection,
                extra_teachers=extra)
@@ -87,6 +90,8 @@ def build_cached_run(cfg: TrainConfig, world_size: int) -> Run:
                 k=cfg.teacher_cache_k)
     check_terms(cfg, student, None)
     check_sizes(cfg, None, student, dataset, world_size)
+    if cfg.fsdp:
+        transformer_layers(student.model)
     freeze(cfg, student.model)
     tok = None
     if cache.meta.get("has_tokenizer"):
@@ -141,10 +146,13 @@ def use_gpu(cfg: TrainConfig, given: set[str]) -> bool:
 
 
 def load_teacher(cfg: TrainConfig, name: str | None = None) -> M.LoadedModel:
-    """The teacher ``name`` (by default the first --teacher_name)."""
+    """The teacher ``name`` (by default the first --teacher_name), in the run's teacher dtype."""
     name = name or cfg.teacher_names()[0]
+    dtype = cfg.teacher_torch_dtype(cuda=cfg.n_gpu > 0 and torch.cuda.is_available())
     with quiet_transformers(progress_bars=True):  # newly initialised weights are detected and said in one line
-        loaded = M.load_model(cfg.teacher_type, name)
+        loaded = M.load_model(cfg.teacher_type, name, torch_dtype=dtype)
+    loaded.model.to(dtype)  # a GGUF file is dequantised to float32 whatever dtype is asked for
+    loaded.model.requires_grad_(False)  # no gradients, so no optimizer state either
     if loaded.lm_head_initialized and name == cfg.teacher_names()[0]:
         note(f"the teacher {name} has no LM head in its checkpoint: only the hidden-state losses "
              "(--alpha_cos, --alpha_hidden_mse) can use it")
@@ -291,6 +299,19 @@ def hidden_alignment(cfg: TrainConfig, teacher, student):
 
 
 def freeze(cfg: TrainConfig, student) -> None:
+    """--freeze_pos_embs, --freeze_token_type_embds; and --gradient_checkpointing, set up here too."""
+    if cfg.gradient_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise UserError(f"--gradient_checkpointing: {type(student).__name__} does not support gradient "
+                            "checkpointing")
+        # The non-reentrant implementation: it keeps the RNG state, so dropout draws the same masks when a
+        # layer is recomputed, and it needs no input that requires grad. transformers 5 renamed
+        # gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns).
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for name, p in student.named_parameters():
         if cfg.freeze_pos_embs and "position_embeddings" in name:
             p.requires_grad_(False)
@@ -340,12 +361,13 @@ def git_info() -> dict:
         return {"repo_id": None, "note": f"not run from a git checkout ({type(e).__name__})"}
 
 
-def write_student(student, tok, folder: Path) -> None:
-    """The student (safetensors) and the tokenizer, so that from_pretrained(folder) loads them."""
+def write_student(student, tok, folder: Path, state_dict: dict | None = None) -> None:
+    """The student (safetensors) and the tokenizer, so that from_pretrained(folder) loads them;
+    ``state_dict``: its weights when the module holds only shards (--fsdp)."""
     shutil.rmtree(folder, ignore_errors=True)
     try:
         with quiet_transformers():  # no one-shard "Writing model shards" bar
-            student.save_pretrained(folder)
+            student.save_pretrained(folder, state_dict=state_dict)
             if tok is not None:
                 tok.save_pretrained(folder)
     except (OSError, RuntimeError) as e:  # a full disk or a file-size limit
@@ -354,19 +376,19 @@ def write_student(student, tok, folder: Path) -> None:
                         "checkpoints are kept: free some space, then run the same command with --resume") from None
 
 
-def save_student(student, tok, folder: Path) -> None:
+def save_student(student, tok, folder: Path, state_dict: dict | None = None) -> None:
     """Write the student into a temporary folder, then rename it to ``folder``."""
     tmp = temp_name(folder)
-    write_student(student, tok, tmp)
+    write_student(student, tok, tmp, state_dict)
     publish_folder(tmp, folder)
 
 
-def save_final_student(student, tok, dump: Path) -> None:
+def save_final_student(student, tok, dump: Path, state_dict: dict | None = None) -> None:
     """The student at the top of dump_path: written aside, then each file moved in by rename, the
     weights last, so that a folder with weights holds a whole student. A kill in between leaves the
     checkpoints, and --resume writes the student again."""
     tmp = dump / ".final.tmp"
-    write_student(student, tok, tmp)
+    write_student(student, tok, tmp, state_dict)
     files = sorted(tmp.iterdir(), key=lambda p: p.suffix in (".safetensors", ".bin"))
     for i, p in enumerate(files):
         if i == len(files) // 2:

@@ -18,7 +18,7 @@ from distill import distributed
 from distill.checkpoint import CHECKPOINTS, CheckpointManager
 from distill.config import TrainConfig, parse_config
 from distill.distiller import Distiller, TrainingDiverged, TrainingStopped, write_jsonl
-from distill.errors import cli_entry, say
+from distill.errors import UserError, cli_entry, say
 from distill.fileio import write_atomic
 from distill.seeding import seed_everything
 from distill.trackers import open_trackers, scalars
@@ -44,6 +44,9 @@ def main(argv=None) -> int:
 
 
 def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
+    if cfg.fsdp and not env.enabled:
+        raise UserError("--fsdp shards the models over processes: launch train.py with torchrun "
+                        "(torchrun --nproc_per_node 2 train.py ...)")
     # The same on every rank: a student built from a config starts from the same weights everywhere.
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     run = build_run(cfg, env.world_size)
@@ -76,15 +79,17 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
                                  checkpoints.tensorboard_purge_step(distiller.global_step))
         distiller.on_log = lambda record: log_record(checkpoints.metrics_path, trackers, record)
 
-    where = f"{env.world_size} processes ({env.backend}, {env.device.type})" if env.enabled else str(env.device)
+    sharding = ", FSDP2: student and teacher sharded" if distiller.fsdp else ""
+    where = f"{env.world_size} processes ({env.backend}, {env.device.type}{sharding})" if env.enabled else str(env.device)
     say(f"training for {distiller.total_steps} optimizer steps of {cfg.gradient_accumulation_steps} x "
         f"{cfg.batch_size} sequences{' per process' if env.enabled else ''} on {where}")
     try:
         with stop_on_signals(distiller):
             distiller.train()
     except TrainingDiverged:
+        weights = distiller.student_state_dict()  # every rank takes part with --fsdp
         if env.is_main:
-            save_student(run.student.model, run.tokenizer, dump / "student_at_stop")
+            save_student(run.student.model, run.tokenizer, dump / "student_at_stop", weights)
         raise
     except TrainingStopped as stop:
         say(f"stopped by {stop} at step {distiller.global_step}; checkpoint saved in {dump / CHECKPOINTS}. "
@@ -93,8 +98,9 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
     finally:
         for tracker in trackers:
             tracker.close()
+    weights = distiller.student_state_dict()
     if env.is_main:
-        save_final_student(run.student.model, run.tokenizer, dump)
+        save_final_student(run.student.model, run.tokenizer, dump, weights)
         say(f"saved the student to {dump} (load it with from_pretrained)")
     env.barrier()
     return 0
@@ -110,7 +116,9 @@ def describe(cfg: TrainConfig, run: Run) -> None:
         teacher = f"cached in {run.cache.describe()}; not loaded"
     else:
         models = [run.teacher, *run.extra_teachers]
-        teacher = "; ".join(f"{name} ({params(m.model):,} parameters)" for name, m in zip(cfg.teacher_names(), models))
+        dtype = str(next(run.teacher.model.parameters()).dtype).replace("torch.", "")
+        teacher = "; ".join(f"{name} ({params(m.model):,} parameters, {dtype})"
+                            for name, m in zip(cfg.teacher_names(), models))
         if len(models) > 1:
             weights = ", ".join(f"{w:.3g}" for w in cfg.teacher_weight_list())
             teacher = f"{len(models)} teachers, {cfg.teacher_combine} averaged with weights {weights}: {teacher}"

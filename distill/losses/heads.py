@@ -19,11 +19,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def output_projection(model: nn.Module) -> nn.Linear | None:
     """The model's vocabulary projection when its logits are that ``nn.Linear`` of its last hidden
     states and nothing else (see ``_PLAIN_HEAD_MODELS``); None otherwise."""
     inner = _unwrap(model)
-    if type(inner).__name__ not in _PLAIN_HEAD_MODELS:
+    name = type(inner).__name__
+    if name.startswith("FSDP") and _is_fsdp(inner):  # fully_shard makes the class FSDP<name>(FSDPModule, <name>)
+        name = name[len("FSDP"):]
+    if name not in _PLAIN_HEAD_MODELS:
         return None
     proj = inner.get_output_embeddings()
     return proj if type(proj) is nn.Linear else None
