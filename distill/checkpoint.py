@@ -5,6 +5,8 @@ Layout in ``<dump_path>/checkpoints/``::
     step_00000400/state.pt      student, projection, optimizer, schedule, scaler, counters,
                                 sampler position, log window, RNG states
     step_00000400/meta.json     step, epoch, resolved config, identity of teacher and data
+    step_00000400/shards/       with --fsdp: student, projection and optimizer, each rank's shards
+                                (torch.distributed.checkpoint); state.pt holds the rest
     latest                      the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder and renamed when complete; ``latest`` moves last,
@@ -32,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.pt"
 META = "meta.json"
+SHARDS = "shards"
 
 
 def rng_state() -> dict:
@@ -76,27 +79,47 @@ def run_teacher_identity(cfg) -> dict:
     return {"teachers": [teacher_identity(n) for n in names]}
 
 
-def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int) -> Path:
+def checkpoint_tmp(dump: Path, step: int) -> Path:
+    """The empty temporary folder checkpoint ``step`` is written into before its rename."""
+    root = dump / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    shards = folder / SHARDS
+    return sorted(f for f in shards.rglob("*") if f.is_file()) if shards.is_dir() else []
+
+
+def save_checkpoint(dump: Path, step: int, state: dict, meta: dict, keep: int, shards_written: bool = False) -> Path:
     """Write checkpoint ``step``; move ``latest`` to it; keep the newest ``keep``.
 
     A write that fails (a full disk, a file-size limit) removes its temporary folder and raises a
-    UserError; the checkpoints already there and ``latest`` are untouched.
+    UserError; the checkpoints already there and ``latest`` are untouched. ``shards_written``: every
+    rank has written its shards into :func:`checkpoint_tmp`'s folder already (--fsdp).
     """
     root = dump / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = root / name
     tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not shards_written:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=shards_written)
         torch.save(state, tmp / STATE)
         kill_point(f"during_checkpoint_write_{step}")
         # The state's checksum: a file damaged later (a bad disk, a copy cut short) is caught on resume;
-        # torch.load alone reads damaged tensor bytes without complaint.
+        # torch.load alone reads damaged tensor bytes without complaint. The shards' too.
         meta = {**meta, "state_sha256": sha256_file(tmp / STATE)}
+        shards = _shard_files(tmp)
+        if shards:
+            meta["shards_sha256"] = {str(f.relative_to(tmp)): sha256_file(f) for f in shards}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        for f in (tmp / STATE, tmp / META):
+        for f in (tmp / STATE, tmp / META, *shards):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
@@ -146,7 +169,12 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict]:
     expected = meta.get("state_sha256")
     if expected is not None and sha256_file(folder / STATE) != expected:
         raise CorruptCheckpoint(f"{folder / STATE} does not match its checksum")
+    for rel, digest in meta.get("shards_sha256", {}).items():
+        if not (folder / rel).is_file() or sha256_file(folder / rel) != digest:
+            raise CorruptCheckpoint(f"{folder / rel} is missing or does not match its checksum")
     state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+    if state.get("sharded"):  # the Distiller reads student and optimizer from there
+        state["shards_dir"] = str(folder / SHARDS)
     return state, meta
 
 
@@ -336,10 +364,20 @@ class CheckpointManager:
         t0 = time.perf_counter()
         step = distiller.global_step
         state = distiller.state_dict()
+        sharded = bool(state.get("sharded"))
+        if sharded:  # every rank writes its shards into the main process's temporary folder
+            tmp = Path(self.env.on_main(lambda: str(checkpoint_tmp(self.dump, step))))
+            try:
+                distiller.save_shards(tmp / SHARDS)
+            except (OSError, RuntimeError) as e:
+                raise UserError(f"could not write the shards of checkpoint {tmp.name} in {tmp.parent} "
+                                f"({write_error(e, tmp.parent)}); the checkpoints already there are kept") from None
+            self.env.barrier()
         if self.env.is_main:
             folder = save_checkpoint(self.dump, step, state, {"step": step, "epoch": distiller.epoch,
-                                                              **self.run_meta}, self.cfg.keep_checkpoints)
+                                                              **self.run_meta}, self.cfg.keep_checkpoints,
+                                     shards_written=sharded)
             if self.log is not None:
-                size = sum(f.stat().st_size for f in folder.iterdir())
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
                 self.log.info("checkpoint %s: %.1f MB in %.2fs", folder.name, size / 1e6, time.perf_counter() - t0)
         self.env.barrier()

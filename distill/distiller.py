@@ -29,8 +29,15 @@ from distill.config import TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
 from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
-from distill.distributed import (DistEnv, full_model_state_dicts, full_state_dicts, load_full_state_dicts,
-                                shard, wrap)
+from distill.distributed import (
+    DistEnv,
+    full_model_state_dicts,
+    load_full_state_dicts,
+    load_shards,
+    save_shards,
+    shard,
+    wrap,
+)
 from distill.errors import UserError
 from distill.losses.terms import TERMS, TermContext
 from distill.memory import fix_mmap_threshold
@@ -440,9 +447,8 @@ class Distiller:
                 "window": {"steps": w.steps, "loss": float(w.loss), "tokens": w.tokens,
                            "parts": {k: float(v) for k, v in w.parts.items()}}}
         ranks = self.dist.gather_objects(mine)
-        if self.fsdp:  # whole tensors on the main process, in the one-process layout (any world size resumes)
-            student, projection, optimizer = full_state_dicts(self.model, self.optimizer)
-            projection = projection if self.projection is not None else None
+        if self.fsdp:  # each rank writes its own shards of these (save_shards)
+            student = projection = optimizer = None
         else:
             student, optimizer = self.student.state_dict(), self.optimizer.state_dict()
             projection = None if self.projection is None else self.projection.state_dict()
@@ -462,12 +468,25 @@ class Distiller:
             "rng": mine["rng"],
             "ranks": ranks,  # None off the main process, which does not write
             "world_size": self.dist.world_size,
+            "sharded": self.fsdp,  # student, projection and optimizer are in the checkpoint's shards/
         }
+
+    def save_shards(self, folder) -> None:
+        """--fsdp: write this rank's shards of student, projection and optimizer (collective)."""
+        save_shards(self.model, self.optimizer, folder)
+
+    def _unsharded_root(self) -> nn.Module:
+        """Student and projection under the names a sharded checkpoint gives them."""
+        from distill.distributed import StudentWithProjection
+
+        return StudentWithProjection(self.student, self.projection)
 
     def load_state_dict(self, state: dict) -> None:
         from distill.checkpoint import set_rng_state
 
-        if self.fsdp:
+        if state.get("sharded"):  # from the checkpoint's shards, re-sharded to this run (any world size)
+            load_shards(self.model if self.fsdp else self._unsharded_root(), self.optimizer, state["shards_dir"])
+        elif self.fsdp:  # a checkpoint of whole tensors (one process, DDP) resumed under FSDP
             load_full_state_dicts(self.model, self.optimizer, state["student"], state["projection"],
                                   state["optimizer"])
         else:

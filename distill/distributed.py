@@ -3,8 +3,9 @@
 One process per device. ``torchrun`` (or any launcher that sets ``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) starts them; nccl on GPUs, gloo on CPU. The
 student is wrapped in DistributedDataParallel; the teacher is replicated on every rank and never
-wrapped; with ``--fsdp`` both are sharded instead (:func:`shard`). A second, gloo, group carries the small CPU-side agreements (loss counts, the stop flag,
-RNG states for the checkpoint), so they never wait on the GPU.
+wrapped; with ``--fsdp`` both are sharded instead (:func:`shard`), and checkpoints are written as
+each rank's shards (:func:`save_shards`). A second, gloo, group carries the small CPU-side
+agreements (loss counts, the stop flag, RNG states for the checkpoint), so they never wait on the GPU.
 
 Without those variables everything here is a no-op on a world of one process.
 """
@@ -232,28 +233,11 @@ def full_model_state_dicts(root: nn.Module) -> tuple[dict, dict]:
     return student, projection
 
 
-def full_state_dicts(root: nn.Module, optimizer) -> tuple[dict, dict, dict]:
-    """The sharded root's (see :func:`shard`) state as one process would have it: the student's and the
-    projection's state dicts and the optimizer's (numbered as a plain optimizer numbers its
-    parameters), with whole tensors, on the main process (CPU); empty on the others. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    student, projection = full_model_state_dicts(root)
-    osd = get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not student:  # not the main process
-        return {}, {}, {}
-    fqns = _optimizer_fqns(root, optimizer)
-    plain = optimizer.state_dict()  # its param_groups are numbered; its state is the local shards
-    state = {i: osd["state"][fqn] for i, fqn in enumerate(fqns) if fqn in osd["state"]}
-    return student, projection, {"state": state, "param_groups": plain["param_groups"]}
-
-
 def load_full_state_dicts(root: nn.Module, optimizer, student: dict, projection: dict | None,
                           optim_state: dict) -> None:
     """Load whole (one-process) state dicts into the sharded root and its optimizer: each rank keeps
     its shards. Every rank passes the same dicts."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     msd = {f"student.{k}": v for k, v in student.items()}
     msd.update({f"projection.{k}": v for k, v in (projection or {}).items()})
@@ -263,3 +247,32 @@ def load_full_state_dicts(root: nn.Module, optimizer, student: dict, projection:
     osd = {"state": {fqns[int(i)]: st for i, st in optim_state["state"].items()},
            "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
     set_optimizer_state_dict(root, optimizer, osd, options=opts)
+
+
+def _dcp_state(root: nn.Module, optimizer) -> dict:
+    """The model's and the optimizer's state for torch.distributed.checkpoint, keyed by parameter
+    name: each rank's shards under FSDP, whole tensors for a plain module."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(root, optimizer)
+    return {"model": model, "optim": optim}
+
+
+def save_shards(root: nn.Module, optimizer, folder) -> None:
+    """Every rank writes its shards of the student, the projection and AdamW's state into ``folder``
+    (torch.distributed.checkpoint's format: a file per rank and the metadata). Collective."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(root, optimizer), checkpoint_id=str(folder))
+
+
+def load_shards(root: nn.Module, optimizer, folder) -> None:
+    """Load shards written by :func:`save_shards`, by any number of processes, into ``root`` (sharded
+    or not) and its optimizer: torch.distributed.checkpoint re-shards them to this world size.
+    Collective when a process group is up; one process reads them alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(root, optimizer)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -37,13 +37,21 @@ def test_fsdp_trains_the_student_of_ddp_and_of_one_process(setup, fsdp_run):  # 
     assert sum(p.numel() for p in model.parameters()) > 0
     for other in (dump_ddp, dump_one):  # per tensor, relative 1e-4
         assert_close_runs(dump_fsdp, other, rtol=1e-4, atol=1e-5)
-    # The checkpoint holds whole tensors in the one-process layout, the projection's too.
-    state = torch.load(dump_fsdp / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
-    one = torch.load(dump_one / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
-    assert state["student"].keys() == one["student"].keys() and state["projection"].keys() == one["projection"].keys()
-    assert state["optimizer"]["state"].keys() == one["optimizer"]["state"].keys()
-    for i, st in state["optimizer"]["state"].items():
-        assert st["exp_avg"].shape == one["optimizer"]["state"][i]["exp_avg"].shape
+    # The checkpoint: each rank's shards (torch.distributed.checkpoint), checksummed in meta.json; the rest
+    # (schedule, counters, every rank's RNG state) in state.pt.
+    folder = dump_fsdp / "checkpoints" / "step_00000006"
+    state = torch.load(folder / "state.pt", weights_only=False)
+    assert state["sharded"] and state["student"] is None and len(state["ranks"]) == 2
+    meta = json.loads((folder / "meta.json").read_text())
+    files = sorted(meta["shards_sha256"])
+    assert "shards/.metadata" in files and sum(f.endswith(".distcp") for f in files) == 2
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(folder / "shards"))
+    stored = reader.read_metadata().state_dict_metadata
+    assert any(k.startswith("model.student.") for k in stored)
+    assert any(k.startswith("model.projection.") for k in stored)
+    assert any(k.startswith("optim.state.student.") and k.endswith("exp_avg") for k in stored)
 
 
 def test_a_killed_fsdp_run_resumes_exactly_and_on_one_process(setup, fsdp_run):  # noqa: F811
@@ -64,6 +72,14 @@ def test_a_killed_fsdp_run_resumes_exactly_and_on_one_process(setup, fsdp_run): 
     r = ok(launch(args(setup, one, 4, "--resume"), 1))
     assert "resuming on 1 processes instead of 2" in r.stderr and "fsdp: True -> False" in r.stderr
     assert_close_runs(straight, one, rtol=1e-4, atol=1e-5)
+    # A damaged shard is caught by its checksum, and the checkpoint before it is used.
+    latest = one / "checkpoints" / (one / "checkpoints" / "latest").read_text().strip()
+    assert not (latest / "shards").exists()  # the one-process run wrote whole tensors
+    ckpts = sorted((dump / "checkpoints").glob("step_*"))
+    shard = next((ckpts[-1] / "shards").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    r = ok(launch(args(setup, dump, 2, "--fsdp", "--resume"), 2))
+    assert f"checkpoint {ckpts[-1].name} cannot be read (CorruptCheckpoint)" in r.stderr
 
 
 def test_fsdp_configuration_errors_are_one_sentence(setup, tmp_path):  # noqa: F811
