@@ -104,9 +104,11 @@ def main(argv=None) -> int:
         print(f"{name}: peak RSS {memory[name]:,.0f} MB", flush=True)
     times = time_steps(setups, args.timing_rounds, args.timing_steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    from distill import models as M
+    from distill.config import parse_config
+    from distill.training import load_teacher
 
-    loaded = M.load_model("llama", str(teacher)).model
+    cfg, _ = parse_config(setups["1 teacher"])
+    loaded = load_teacher(cfg).model  # in the run's teacher dtype (bf16 with --bf16)
     param_mb = sum(t.numel() * t.element_size() for t in loaded.parameters()) / 2**20
     record = {**cpu_description(), "bf16": bf16, "combine": args.combine, "step_seconds": times,
               "median_step_seconds": med, "step_ratio": med["2 teachers"] / med["1 teacher"],
