@@ -11,6 +11,14 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several pytest workers share the cores: one thread each (and each process they start), since
+    # OpenMP threads of two workers contending for the same cores spin and slow both.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROSE = FIXTURES / "prose.txt"
