@@ -14,6 +14,7 @@ import torch
 from distill.config import TrainConfig, parse_config
 from distill.errors import UserError
 from distill.losses.ensemble import TeacherEnsemble
+from tests.test_plugins import _one_sentence
 from tests.test_reproducibility import assert_same_student, launch, ok
 
 
@@ -134,16 +135,6 @@ def test_two_teachers_train_through_train_py_reproducibly(world, tmp_path):
     args = world.train_args(tmp_path / "a", "--teacher_name", str(second), "--teacher_weights", "2,1", max_steps=6)
     r = launch(args + ["--resume"])
     assert r.returncode == 2 and "is not the teacher the checkpoint was trained with" in r.stderr, r.stderr[-500:]
-
-
-def _one_sentence(argv, capsys, match):
-    from distill.cli import train
-
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    assert e.value.code == 2
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and match in err[0], err
 
 
 def test_bad_teacher_sets_are_refused_with_one_sentence(world, tmp_path, capsys):
