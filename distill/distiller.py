@@ -31,6 +31,7 @@ from distill.data.dataset import LMSeqsDataset
 from distill.data.sampler import LengthGroupedBatchSampler
 from distill.distributed import (
     DistEnv,
+    StudentWithProjection,
     full_model_state_dicts,
     load_full_state_dicts,
     load_shards,
@@ -91,7 +92,8 @@ class Distiller:
         # Several teachers: the ones after the first serve the soft targets only, combined with the first's
         # (L.TeacherEnsemble: cfg.teacher_combine, with cfg.teacher_weights).
         self.extra_teachers = [t.to(device).eval() for t in extra_teachers]
-        for model in ([] if teacher is None else [self.teacher]) + self.extra_teachers:
+        self.teachers = ([] if teacher is None else [self.teacher]) + self.extra_teachers
+        for model in self.teachers:
             for p in model.parameters():
                 p.requires_grad_(False)
         self.teacher_weights = cfg.teacher_weight_list() if self.extra_teachers else (1.0,)
@@ -113,11 +115,10 @@ class Distiller:
         self.projection = projection.to(device) if projection is not None else None
         # What the step calls: the student, or (several processes) its DistributedDataParallel wrapper, or
         # with --fsdp the sharded root holding it (distill.distributed.shard: the teachers are sharded too).
-        self.fsdp = bool(getattr(cfg, "fsdp", False)) and self.dist.enabled
+        self.fsdp = cfg.fsdp and self.dist.enabled
         if self.fsdp:
             param_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
-            teachers = ([] if self.teacher is None else [self.teacher]) + self.extra_teachers
-            self.model = shard(self.student, self.projection, teachers, param_dtype)
+            self.model = shard(self.student, self.projection, self.teachers, param_dtype)
         else:
             self.model = wrap(self.dist, self.student, self.projection)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
@@ -286,7 +287,7 @@ class Distiller:
             for k in rest:
                 sums[k] = self.terms[k].compute(ctx)
         if self.fsdp:  # the teachers' roots stayed gathered for the losses (distill.distributed.shard)
-            for t in ([] if self.teacher is None else [self.teacher]) + self.extra_teachers:
+            for t in self.teachers:
                 t.reshard()
         return {k: sums[k] for k in self.enabled}
 
@@ -477,8 +478,6 @@ class Distiller:
 
     def _unsharded_root(self) -> nn.Module:
         """Student and projection under the names a sharded checkpoint gives them."""
-        from distill.distributed import StudentWithProjection
-
         return StudentWithProjection(self.student, self.projection)
 
     def load_state_dict(self, state: dict) -> None:

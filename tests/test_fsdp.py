@@ -54,7 +54,7 @@ def test_fsdp_trains_the_student_of_ddp_and_of_one_process(setup, fsdp_run):  # 
     assert any(k.startswith("optim.state.student.") and k.endswith("exp_avg") for k in stored)
 
 
-def test_a_killed_fsdp_run_resumes_exactly_and_on_one_process(setup, fsdp_run):  # noqa: F811
+def test_a_killed_fsdp_run_resumes_exactly_and_across_one_and_two_processes(setup, fsdp_run):  # noqa: F811
     straight, _ = fsdp_run
     dump = setup["root"] / "fsdp_killed"
     r = launch(args(setup, dump, 2, "--fsdp"), 2, DISTILL_FAULT="after_step_5@1")  # rank 1 dies after step 5
@@ -72,6 +72,13 @@ def test_a_killed_fsdp_run_resumes_exactly_and_on_one_process(setup, fsdp_run): 
     r = ok(launch(args(setup, one, 4, "--resume"), 1))
     assert "resuming on 1 processes instead of 2" in r.stderr and "fsdp: True -> False" in r.stderr
     assert_close_runs(straight, one, rtol=1e-4, atol=1e-5)
+    # And the other way: a one-process checkpoint of whole tensors resumed by 2 FSDP processes (2 x 2).
+    back = setup["root"] / "one_to_fsdp"
+    r = launch(args(setup, back, 4), 1, DISTILL_FAULT="after_step_4")
+    assert r.returncode != 0
+    r = ok(launch(args(setup, back, 2, "--fsdp", "--resume"), 2))
+    assert "resuming on 2 processes instead of 1" in r.stderr and "fsdp: False -> True" in r.stderr
+    assert_close_runs(straight, back, rtol=1e-4, atol=1e-5)
     # A damaged shard is caught by its checksum, and the checkpoint before it is used.
     latest = one / "checkpoints" / (one / "checkpoints" / "latest").read_text().strip()
     assert not (latest / "shards").exists()  # the one-process run wrote whole tensors
