@@ -80,7 +80,9 @@ def train(cfg: TrainConfig, env: distributed.DistEnv) -> int:
         distiller.on_log = lambda record: log_record(checkpoints.metrics_path, trackers, record)
 
     sharding = ", FSDP2: student and teacher sharded" if distiller.fsdp else ""
-    where = f"{env.world_size} processes ({env.backend}, {env.device.type}{sharding})" if env.enabled else str(env.device)
+    where = str(env.device)
+    if env.enabled:
+        where = f"{env.world_size} processes ({env.backend}, {env.device.type}{sharding})"
     say(f"training for {distiller.total_steps} optimizer steps of {cfg.gradient_accumulation_steps} x "
         f"{cfg.batch_size} sequences{' per process' if env.enabled else ''} on {where}")
     try:
