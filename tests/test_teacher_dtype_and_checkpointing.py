@@ -87,3 +87,11 @@ def test_gradient_checkpointing_is_on_in_the_student(worlds, tmp_path):
     cfg, _ = parse_config(w.train_args(tmp_path / "x", "--gradient_checkpointing"))
     student = build_run(cfg).student.model
     assert getattr(student, "is_activation_checkpointing", None) or student.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_one_sentence():
+    from distill.errors import UserError
+    from distill.training import freeze
+
+    with pytest.raises(UserError, match="Linear does not support gradient checkpointing"):
+        freeze(_cfg(gradient_checkpointing=True), torch.nn.Linear(2, 2))
