@@ -108,8 +108,9 @@ class TrainConfig:
     max_grad_norm: float = _f(5.0, "gradient clipping norm (0: no clipping)")
     max_model_input_size: int = _f(512, "longest input; longer sequences are cut into chunks (added here)")
     gradient_checkpointing: bool = _f(False, "recompute the student's layer activations in the backward pass "
-                                             "instead of keeping them (the model's gradient_checkpointing_enable); "
-                                             "the same results, less memory, about a third more compute (added here)")
+                                             "instead of keeping them (the model's activation_checkpointing_enable); "
+                                             "the same results up to float rounding, less memory, one more forward of "
+                                             "the student's layers (added here)")
     max_bad_steps: int = _f(10, "stop after this many consecutive steps with a NaN/Inf loss (added here)")
     # -- precision and devices -------------------------------------------------------------------
     fp16: bool = _f(False, "fp16 autocast with a gradient scaler (GPU)")
@@ -234,9 +235,16 @@ class TrainConfig:
         """The teachers' weights, normalised to sum to 1 (equal by default)."""
         from distill.losses.ensemble import normalised_weights
 
-        n = len(self.teacher_names())
-        given = None if self.teacher_weights is None else [float(w) for w in str(self.teacher_weights).split(",")]
-        return normalised_weights(given, max(n, 1))
+        return normalised_weights(self._given_teacher_weights(), max(len(self.teacher_names()), 1))
+
+    def _given_teacher_weights(self) -> list[float] | None:
+        if self.teacher_weights is None:
+            return None
+        try:
+            return [float(w) for w in str(self.teacher_weights).split(",")]
+        except ValueError:
+            raise UserError(f"--teacher_weights must be comma-separated numbers, got {self.teacher_weights!r}") \
+                from None
 
     def _validate_teachers(self) -> None:
         names = self.teacher_names()
@@ -246,12 +254,8 @@ class TrainConfig:
             if len(set(names)) < len(names):
                 raise UserError(f"--teacher_name {next(n for n in names if names.count(n) > 1)} is given twice")
             self.teacher_name = names[0] if len(names) == 1 else names
-        if self.teacher_weights is not None:
-            try:
-                weights = [float(w) for w in str(self.teacher_weights).split(",")]
-            except ValueError:
-                raise UserError(f"--teacher_weights must be comma-separated numbers, got {self.teacher_weights!r}") \
-                    from None
+        weights = self._given_teacher_weights()
+        if weights is not None:
             if len(weights) != max(len(names), 1):
                 raise UserError(f"--teacher_weights gives {len(weights)} weights for {len(names)} teacher(s); give one "
                                 "per --teacher_name")
