@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -495,8 +496,8 @@ def test_regression_and_two_dev_files(bare_bert, tmp_path):
 
 def test_compare_teacher_and_students(teacher_dir, mlm_student, sst_dir, tmp_path, capsys):
     from distill.cli.compare import main
-    from distill.glue.compare import compare
     from distill.cli.run_glue import main as glue
+    from distill.glue.compare import compare
 
     students = {}
     for name, extra in (("distilled", ["--teacher_name_or_path", str(teacher_dir)]), ("plain", [])):
@@ -564,3 +565,77 @@ def test_fine_tuning_is_reproducible_with_dropout(tmp_path, sst_dir, tok_dir):
     (a, log_a), (b, log_b), (c, _) = run("a", 0), run("bb", 0), run("c", 1)
     assert all(torch.equal(a[k], b[k]) for k in a) and log_a == log_b
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's outputs, computed once
+
+
+def test_cached_teacher_logits_train_as_the_online_teacher(teacher_dir, mlm_student, sst_dir):
+    """fp32: a student task-distilled from the teacher's precomputed logits ends where one distilled from a
+    forward pass of the teacher on every batch ends (the teacher is frozen and in eval mode)."""
+    from distill.glue.config import GlueConfig
+    from distill.glue.features import load_features
+    from distill.glue.modeling import (
+        load_classifier,
+        load_teacher,
+        load_tokenizer,
+        set_padding,
+    )
+    from distill.glue.tasks import get_task
+    from distill.glue.trainer import fine_tune, predict
+    from distill.seeding import seed_everything
+
+    task = get_task("sst-2")
+    cfg = GlueConfig(task_name="sst-2", data_dir=str(sst_dir), model_name_or_path=str(mlm_student), output_dir="x",
+                     do_train=True, max_seq_length=32, per_device_train_batch_size=16, learning_rate=3e-3,
+                     num_train_epochs=2, teacher_name_or_path=str(teacher_dir), alpha_ce=0.7, alpha_task=0.3)
+    tok = load_tokenizer(mlm_student)
+    feats = load_features(task, sst_dir, split="train", tok=tok, model_name_or_path=mlm_student, max_seq_length=32,
+                          log=lambda s: None)
+    teacher = load_teacher(teacher_dir, task)
+    pad = set_padding(teacher, tok)
+    logits = predict(teacher.model, feats, batch_size=64, device=torch.device("cpu"), pad_id=pad)
+    finals = []
+    for kw in ({"teacher": teacher.model}, {"teacher_logits": logits}):
+        seed_everything(0)
+        clf = load_classifier(mlm_student, task)
+        pad = set_padding(clf, tok)
+        summary = fine_tune(clf.model, feats, task, cfg, torch.device("cpu"), pad_id=pad, **kw)
+        finals.append((summary["loss"], {k: v.clone() for k, v in clf.model.state_dict().items()}))
+    assert finals[0][0] == pytest.approx(finals[1][0], rel=1e-5)
+    for k, v in finals[0][1].items():
+        torch.testing.assert_close(v, finals[1][1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_teacher_logits_are_cached_and_reused_until_the_teacher_changes(teacher_dir, mlm_student, sst_dir, tmp_path):
+    from distill.glue.run import run_glue
+    from distill.glue.tasks import get_task
+    from distill.glue.teacher_outputs import cache_path
+
+    data = tmp_path / "SST-2"
+    shutil.copytree(sst_dir, data, ignore=shutil.ignore_patterns("cached_*"))
+    base = {"task_name": "sst-2", "data_dir": str(data), "model_name_or_path": str(mlm_student), "do_train": True,
+            "do_eval": True, "max_seq_length": 32, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
+            "max_steps": 4, "seed": 3, "disable_tqdm": True, "teacher_name_or_path": str(teacher_dir)}
+    logs: list[str] = []
+    first = run_glue({**base, "output_dir": str(tmp_path / "a")}, log=logs.append)
+    cached = cache_path(data, "train", teacher_dir, 32, get_task("sst-2"))
+    assert cached.is_file() and any("cached in" in s for s in logs)
+    logs.clear()
+    second = run_glue({**base, "output_dir": str(tmp_path / "b")}, log=logs.append)
+    assert any("reusing " + str(cached) in s for s in logs)
+    assert first["score"] == second["score"]  # the same seed and the same teacher outputs: the same run
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # another teacher in a folder of the same name: its outputs are computed again, not reused
+    other = tmp_path / "o" / teacher_dir.name
+    shutil.copytree(teacher_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(other / "model.safetensors")
+    name = next(k for k in w if k.endswith("classifier.weight"))
+    w[name] = w[name] * 2
+    save_file(w, other / "model.safetensors", metadata={"format": "pt"})
+    logs.clear()
+    run_glue({**base, "output_dir": str(tmp_path / "c"), "teacher_name_or_path": str(other)}, log=logs.append)
+    assert not any("reusing " + str(cached) in s for s in logs) and any("cached in" in s for s in logs)

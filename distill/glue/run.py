@@ -212,8 +212,18 @@ def run_glue(cfg: GlueConfig | dict | argparse.Namespace, *, log: Callable[[str]
             with open(staging / TRAIN_LOG, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-        summary = fine_tune(clf.model, train_feats, task, cfg, device, pad_id=pad_id,
-                            teacher=teacher.model if teacher is not None else None, on_log=on_log, progress=progress)
+        t_logits = None
+        if teacher is not None:  # frozen and in eval mode: its outputs are computed once, and cached
+            from distill.glue.teacher_outputs import teacher_logits
+            from distill.glue.trainer import predict
+
+            t_logits = teacher_logits(
+                lambda: predict(teacher.model, train_feats, batch_size=cfg.per_device_eval_batch_size, device=device,
+                                pad_id=pad_id, bf16=cfg.bf16, progress=progress, desc="teacher outputs"),
+                train_feats, teacher_folder=teacher.folder, data_dir=cfg.data_dir, split="train",
+                max_seq_length=cfg.max_seq_length, task=task, bf16=cfg.bf16, log=log)
+        summary = fine_tune(clf.model, train_feats, task, cfg, device, pad_id=pad_id, teacher_logits=t_logits,
+                            on_log=on_log, progress=progress)
         log(f"trained {summary['steps']} steps ({summary['epochs']} epochs) in {summary['seconds']:.1f}s, "
             f"last loss {summary['loss']:.4f}")
         results = {}

@@ -57,12 +57,20 @@ def total_steps(n_examples: int, cfg: GlueConfig) -> int:
 
 
 def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, device: torch.device, *,
-              pad_id: int, teacher: nn.Module | None = None, on_log: Callable[[dict], None] | None = None,
-              progress: Callable | None = None) -> dict:
-    """Train ``model`` in place on ``feats``; returns a summary (steps, epochs, last logged loss, time)."""
+              pad_id: int, teacher: nn.Module | None = None, teacher_logits: np.ndarray | None = None,
+              on_log: Callable[[dict], None] | None = None, progress: Callable | None = None) -> dict:
+    """Train ``model`` in place on ``feats``; returns a summary (steps, epochs, last logged loss, time).
+
+    Task distillation reads the teacher's outputs: ``teacher_logits`` (N, C), its logits on every
+    example of ``feats`` computed beforehand (:mod:`distill.glue.teacher_outputs`), or else a forward
+    pass of ``teacher`` (in eval mode) on each batch.
+    """
     s_types = takes_token_types(model)
     t_types = teacher is not None and takes_token_types(teacher)
-    alpha_task = cfg.alpha_task if teacher is not None else 1.0
+    distilling = teacher is not None or teacher_logits is not None
+    alpha_task = cfg.alpha_task if distilling else 1.0
+    if teacher_logits is not None and len(teacher_logits) != len(feats):
+        raise ValueError(f"{len(teacher_logits)} teacher outputs for {len(feats)} training examples")
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
@@ -70,16 +78,22 @@ def fine_tune(model: nn.Module, feats: Features, task: Task, cfg: GlueConfig, de
     def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
             logits = forward_logits(model, batch, s_types)  # (B, C)
-        if teacher is None:
+        if not distilling:
             return task_loss(logits, batch["labels"], regression=task.is_regression), {}
-        with torch.inference_mode(), O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
-            t_logits = forward_logits(teacher, batch, t_types)
-        t_logits = t_logits.float().clone()  # a normal tensor: inference tensors cannot enter autograd
+        if "teacher_logits" in batch:
+            t_logits = batch["teacher_logits"]
+        else:
+            with torch.inference_mode(), O.autocast(device, torch.bfloat16 if cfg.bf16 else None):
+                t_logits = forward_logits(teacher, batch, t_types)
+            t_logits = t_logits.float().clone()  # a normal tensor: inference tensors cannot enter autograd
         return task_distillation_loss(logits, t_logits, batch["labels"], temperature=cfg.temperature,
                                       alpha_ce=cfg.alpha_ce, alpha_task=alpha_task, regression=task.is_regression)
 
     def batch_of(idx: np.ndarray) -> dict[str, torch.Tensor]:
-        return device_batch(feats, idx, pad_id, device)
+        batch = device_batch(feats, idx, pad_id, device)
+        if teacher_logits is not None:
+            batch["teacher_logits"] = torch.from_numpy(teacher_logits[idx]).to(device)
+        return batch
 
     return train_loop(model.named_parameters(), len(feats), batch_of, loss_of, cfg, on_log=on_log, progress=progress)
 
