@@ -84,35 +84,40 @@ def measure_speed(models: list[tuple[torch.nn.Module, list[dict]]], n_sentences:
                   warmup_batches: int, device: torch.device, bf16: bool) -> list[dict]:
     """Sentences/s of each model over its pre-collated batches, timed in interleaved rounds.
 
-    Each round times one full pass per model; the order rotates every round. Returns the median
-    and best rate per model, with the pass times.
+    Each round is one pass over the batches in which the models take turns batch by batch (the order
+    rotating with the batch), so that a burst of load on a shared machine slows every model alike
+    rather than whichever one was running. A model's time for the round is the sum of its batches.
+    Returns the median and best rate per model, with the round times. ``warmup_batches`` batches per
+    model go first, untimed (allocator, kernels, caches; -1: a full pass).
     """
     from distill.glue.modeling import takes_token_types
 
     types = [takes_token_types(m) for m, _ in models]
     for m, _ in models:
         m.to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def one_pass(i: int, batches: list[dict], limit: int | None = None) -> float:
-        model = models[i][0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def run(i: int, batch: dict) -> float:
+        sync()
         t0 = time.perf_counter()
-        with torch.inference_mode(), O.autocast(device, torch.bfloat16 if bf16 else None):
-            for batch in batches[:limit]:
-                forward_logits(model, batch, types[i])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        forward_logits(models[i][0], batch, types[i])
+        sync()
         return time.perf_counter() - t0
 
-    for i, (_, batches) in enumerate(models):  # warm-up: allocator, kernels, caches
-        one_pass(i, batches, warmup_batches)
+    n_batches = min(len(b) for _, b in models)
     times: list[list[float]] = [[] for _ in models]
-    for r in range(repeats):
-        order = list(range(len(models)))
-        order = order[r % len(order):] + order[:r % len(order)]
-        for i in order:
-            times[i].append(one_pass(i, models[i][1]))
+    with torch.inference_mode(), O.autocast(device, torch.bfloat16 if bf16 else None):
+        for i, (_, batches) in enumerate(models):  # warm-up
+            for batch in batches[:None if warmup_batches < 0 else warmup_batches]:
+                run(i, batch)
+        for r in range(repeats):
+            spent = [0.0] * len(models)
+            for j in range(n_batches):
+                k = (r + j) % len(models)
+                for i in list(range(k, len(models))) + list(range(k)):
+                    spent[i] += run(i, models[i][1][j])
+            for i, t in enumerate(spent):
+                times[i].append(t)
     return [{"sentences_per_s": n_sentences / statistics.median(t), "best_sentences_per_s": n_sentences / min(t),
              "pass_seconds": [round(x, 4) for x in t]} for t in times]
 
