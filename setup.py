@@ -37,6 +37,7 @@ setup(
             "distill-compare=distill.cli.compare:main",
             "distill-early-exit=distill.cli.early_exit:main",
             "distill-cache-teacher=distill.cli.cache_teacher:main",
+            "distill-pipeline=distill.cli.pipeline:main",
         ],
     },
 )

