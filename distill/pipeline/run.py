@@ -58,7 +58,7 @@ def run_pipeline(cfg: PipelineConfig, *, title: str | None = None, describe: lis
                    epochs=b.in_domain_epochs, max_steps=b.in_domain_max_steps, bf16=bf16)
         students["student_in_domain"] = out.student_in_domain
     similarity = stages.run("sentence embeddings against the teacher's (held-out sentences)",
-                            S.similarity_to_teacher, teacher, students, task, out.similarity)
+                            S.similarity_to_teacher, teacher, students, task, out.similarity, cfg.task_name)
     scores = stages.run(f"fine-tune 4 rows x {len(cfg.seeds)} seed(s)", S.finetune_rows, cfg, out, task, bf16)
     rows = stages.run("compare (inference speed measured side by side)", S.compare_rows, cfg, out, task)
     sweep = None

@@ -202,9 +202,12 @@ def task_sentences(cfg: PipelineConfig, task_dir: Path, dest: Path, min_chars: i
     return dest, True
 
 
-def similarity_to_teacher(teacher: Path, students: dict[str, Path], task: Path, similarity_file: Path):
-    """What distillation changed, before any fine-tuning: sentence embeddings against the teacher's."""
+def similarity_to_teacher(teacher: Path, students: dict[str, Path], task: Path, similarity_file: Path,
+                          task_name: str = "sst-2"):
+    """What distillation changed, before any fine-tuning: sentence embeddings against the teacher's, on the
+    first sentence of each example of the task's (first) dev file."""
     from distill.demo.similarity import embedding_similarity
+    from distill.glue.tasks import get_task, read_split
 
     stamp = {k: (p / "model.safetensors").stat().st_mtime for k, p in students.items()}
     if similarity_file.is_file():
@@ -212,8 +215,8 @@ def similarity_to_teacher(teacher: Path, students: dict[str, Path], task: Path, 
         if saved.get("model_mtimes") == stamp:
             print(f"   reusing {similarity_file}")
             return saved, False
-    sentences = [line.split("\t")[0] for line in
-                 (task / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    glue_task = get_task(task_name)
+    sentences = [ex.text_a for ex in read_split(glue_task, task, glue_task.dev_splits[0])]
     cos = embedding_similarity(teacher, students, sentences)
     for name, value in cos.items():
         print(f"   {name}: cosine {value:.3f} to the teacher's sentence embeddings")
