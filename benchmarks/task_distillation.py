@@ -25,9 +25,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,22 +68,6 @@ def in_domain_student(cfg: PipelineConfig, demo: S.Outputs, which: str, task: Pa
     return dump
 
 
-def finetune_cmd(model: Path, task: Path, out: Path, seed: int, bf16: bool, teacher: Path | None,
-                 t: float | None, a: float | None) -> list[str]:
-    argv = [sys.executable, "-m", "distill.cli.run_glue", "--task_name", "sst-2", "--data_dir", str(task),
-            "--model_name_or_path", str(model), "--output_dir", str(out), "--do_train", "--do_eval",
-            "--max_seq_length", "64", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
-            "--learning_rate", str(FULL.finetune_lr[1]), "--num_train_epochs", str(FULL.finetune_epochs),
-            "--warmup_prop", "0.1", "--seed", str(seed), "--logging_steps", "50", "--overwrite_output_dir",
-            "--disable_tqdm"]
-    if teacher is not None:
-        argv += ["--teacher_name_or_path", str(teacher), "--temperature", str(t), "--alpha_ce", str(a),
-                 "--alpha_task", str(round(1 - a, 6))]
-    if bf16:
-        argv += ["--bf16"]
-    return argv
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default="runs/demo")
@@ -113,31 +96,23 @@ def main() -> int:
           f"{a.workers} worker(s)", flush=True)
 
     starts = {"init": demo.student_init, "distilled": demo.student}
-    jobs = []
+    jobs, scores = [], []
     for v in variants:
         start, t, al = parse_variant(v)
         if start not in starts:
             starts[start] = in_domain_student(cfg, demo, start.removeprefix("in_domain_"), task, bench, bf16)
         teacher = demo.glue / "teacher" if t is not None else None
+        vcfg = cfg if t is None else replace(cfg, task_temperature=t, task_alpha_ce=al)
         for seed in seeds:
             out = bench / v.replace(":", "_") / f"seed{seed}"
-            jobs.append((v, seed, out, finetune_cmd(starts[start], task, out, seed, bf16, teacher, t, al)))
-
-    threads = max(1, (os.cpu_count() or 1) // a.workers)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-
-    def run(job):
-        v, seed, out, argv = job
-        if not (out / "eval_results.json").is_file():
-            r = subprocess.run(argv, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"{v} seed {seed} failed:\n{r.stderr[-3000:]}")
-        score = json.loads((out / "eval_results.json").read_text())["score"]
-        print(f"  {v} seed {seed}: {100 * score:.2f}", flush=True)
-        return v, seed, score
-
-    with ThreadPoolExecutor(a.workers) as pool:
-        done = list(pool.map(run, jobs))
+            scores.append((v, seed, out))
+            if not (out / "eval_results.json").is_file():
+                argv = S.finetune_argv(vcfg, starts[start], task, out, lr=FULL.finetune_lr[1], seed=seed, bf16=bf16,
+                                       teacher=teacher)
+                jobs.append((f"{v} seed {seed}", out, argv))
+    if jobs:
+        S.run_side_by_side(jobs, a.workers)
+    done = [(v, seed, json.loads((out / "eval_results.json").read_text())["score"]) for v, seed, out in scores]
     results_file = bench / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for v, seed, score in done:

@@ -273,7 +273,7 @@ def finetune_workers(cfg: PipelineConfig) -> int:
     return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
 
 
-def _run_side_by_side(jobs: list[tuple[str, Path, list[str]]], workers: int) -> None:
+def run_side_by_side(jobs: list[tuple[str, Path, list[str]]], workers: int) -> None:
     """Each job's run_glue in its own process, ``workers`` at a time, the cores split between them;
     each one's console output goes to ``<its output folder>.log``."""
     import subprocess
@@ -326,7 +326,7 @@ def finetune_rows(cfg: PipelineConfig, out: Outputs, task: Path, bf16: bool):
     workers = min(finetune_workers(cfg), len(jobs)) if jobs else 1
     if workers > 1:
         print(f"   {len(jobs)} fine-tuning runs, {workers} side by side", flush=True)
-        _run_side_by_side(jobs, workers)
+        run_side_by_side(jobs, workers)
     else:
         from distill.cli import run_glue
 
