@@ -159,6 +159,7 @@ def test_without_the_in_domain_stage_in_one_process(tiny, tmp_path, capsys):
 
 def test_parse_config_fills_the_types(tiny, tmp_path):
     cfg = parse_config(_argv(tiny, tmp_path / "o"))
+    cfg.validate()
     assert isinstance(cfg, PipelineConfig) and (cfg.teacher_type, cfg.student_type) == ("bert", "distilbert")
     with pytest.raises(UserError, match="unknown GLUE task|not a GLUE task|task"):
         PipelineConfig(str(tiny["teacher"]), str(tiny["corpus"]), str(tiny["task"]), str(tmp_path / "o"),

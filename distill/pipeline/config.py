@@ -209,6 +209,7 @@ def build_parser(prog: str = "distill-pipeline") -> ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> PipelineConfig:
+    """The settings from a command line, not yet checked (:meth:`PipelineConfig.validate`)."""
     a = build_parser().parse_args(argv)
     cfg = PipelineConfig(teacher=a.teacher, corpus=a.corpus, task_dir=a.task_dir, output_dir=a.output_dir,
                          task_name=a.task_name, student_layers=a.student_layers, seeds=parse_seeds(a.seeds),
@@ -216,5 +217,4 @@ def parse_config(argv: list[str] | None = None) -> PipelineConfig:
                          task_temperature=a.task_temperature, task_alpha_ce=a.task_alpha_ce,
                          in_domain=a.in_domain == "on", in_domain_teacher=a.in_domain_teacher,
                          early_exit=a.early_exit, finetune_workers=a.finetune_workers)
-    cfg.validate()
-    return cfg
+    return cfg  # run_pipeline validates it before any stage
