@@ -250,7 +250,8 @@ class Distiller:
         attention_mask = batch["attention_mask"]
         labels = batch.get("labels")
         if self.teacher is None:  # cached: the top-k rows the collator read (no hidden-state loss runs)
-            t_logits = L.CachedTargets(batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_tail"])
+            t_logits = L.CachedTargets(batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_tail"],
+                                       batch.get("teacher_samples"), batch.get("teacher_entropy"))
             t_hidden = None
         else:
             t_logits, t_hidden = self.teacher_forward(input_ids, attention_mask)

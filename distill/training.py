@@ -88,6 +88,10 @@ def build_cached_run(cfg: TrainConfig, world_size: int) -> Run:
     cache.check(data_file=cfg.data_file, example_lengths=dataset.lengths,
                 max_model_input_size=cfg.max_model_input_size, temperature=cfg.temperature, vocab_size=vocab,
                 k=cfg.teacher_cache_k)
+    forward_kl = cfg.divergence == "kl" or (cfg.divergence == "skew_kl" and not cfg.divergence_alpha > 0)
+    if cache.tail_samples and not forward_kl:
+        note(f"--divergence {cfg.divergence} uses the cache's top {cache.k} and tail bucket; its "
+             f"{cache.tail_samples} tail samples serve forward KL only")
     check_terms(cfg, student, None)
     check_sizes(cfg, None, student, dataset, world_size)
     if cfg.fsdp:

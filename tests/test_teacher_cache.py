@@ -30,12 +30,16 @@ DIVS = [Divergence("kl"), Divergence("reverse_kl"), Divergence("jsd", beta=0.3),
 IDS = [f"{d.name}-b{d.beta}-a{d.alpha}" for d in DIVS]
 
 
-def targets_from_logits(t: torch.Tensor, k: int, T: float) -> CachedTargets:
-    """What the cache holds for teacher logits t (..., V), in fp32."""
+def targets_from_logits(t: torch.Tensor, k: int, T: float, samples: int = 0, seed: int = 0) -> CachedTargets:
+    """What the cache holds for teacher logits t (..., V), in fp32 (with ``samples`` tail samples)."""
     V = t.shape[-1]
-    ids, lps, tail = top_k_rows(t.reshape(-1, V), k, T)
+    rows = top_k_rows(t.reshape(-1, V), k, T, samples, torch.Generator().manual_seed(seed))
+    rows = type(rows)(*(None if x is None else x.clone() for x in rows))  # out of inference mode
     lead = t.shape[:-1]
-    return CachedTargets(ids.reshape(*lead, k), lps.reshape(*lead, k), tail.reshape(lead))
+    drawn = None if rows.samples is None else rows.samples.reshape(*lead, samples)
+    entropy = None if rows.entropy is None else rows.entropy.reshape(lead)
+    return CachedTargets(rows.ids.reshape(*lead, k), rows.logprobs.reshape(*lead, k), rows.tail.reshape(lead),
+                         drawn, entropy)
 
 
 def _max_err(mine: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -71,15 +75,17 @@ def test_bucket_divergences_vanish_on_equal_buckets_and_are_positive_otherwise(d
 
 
 @pytest.mark.parametrize("div", DIVS, ids=IDS)
-@pytest.mark.parametrize("dtype,T,k", [(torch.float32, 1.0, 7), (torch.float32, 2.0, 1), (torch.float32, 2.0, 299),
-                                       (torch.bfloat16, 2.0, 16)])
-def test_fused_cached_loss_and_gradients_match_autograd(div, dtype, T, k):
+@pytest.mark.parametrize("dtype,T,k,S", [(torch.float32, 1.0, 7, 0), (torch.float32, 2.0, 1, 0),
+                                         (torch.float32, 2.0, 299, 0), (torch.bfloat16, 2.0, 16, 0),
+                                         (torch.float32, 1.0, 7, 5), (torch.float32, 2.0, 1, 16),
+                                         (torch.bfloat16, 2.0, 16, 3)])
+def test_fused_cached_loss_and_gradients_match_autograd(div, dtype, T, k, S):
     g = torch.Generator().manual_seed(1)
     N, H, V = 40, 16, 300
     hidden = torch.randn(N, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
     bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
-    cached = targets_from_logits(torch.randn(N, V, generator=g) * 2, k, T)
+    cached = targets_from_logits(torch.randn(N, V, generator=g) * 2, k, T, samples=S)
     mask = torch.rand(N, generator=g) > 0.25
     x, w, b = (v.clone().requires_grad_(True) for v in (hidden, weight, bias))
     got = L.projected_vocab_losses(x, w, b, teacher=cached, temperature=T, soft_target=True, mask=mask,
@@ -116,6 +122,67 @@ def test_with_k_equal_to_the_vocabulary_the_cached_loss_is_the_online_one(div):
     assert _max_err(gx, ox) < 1e-5 and _max_err(gw, ow) < 1e-5
 
 
+def _full_kl_and_grad(s: torch.Tensor, t: torch.Tensor, T: float) -> tuple[float, torch.Tensor]:
+    s = s.double().clone().requires_grad_(True)
+    q = torch.softmax(t.double() / T, -1)
+    kl = (q * (q.log() - torch.log_softmax(s / T, -1))).sum() * T * T
+    kl.backward()
+    return kl.item(), s.grad
+
+
+def test_the_tail_sample_makes_forward_kl_unbiased():
+    """Averaged over many caches of the same teacher (other seeds), the sampled loss and its gradient are
+    the full forward KL's; the buckets alone are not (they never shape the student's tail)."""
+    g = torch.Generator().manual_seed(3)
+    N, V, k, T, S = 6, 50, 4, 1.5, 8
+    s, t = torch.randn(N, V, generator=g) * 2, torch.randn(N, V, generator=g) * 2
+    full, full_grad = _full_kl_and_grad(s, t, T)
+    values, grads = [], []
+    for seed in range(400):
+        x = s.clone().requires_grad_(True)
+        loss = cached_soft_target(x, targets_from_logits(t, k, T, samples=S, seed=seed), T)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(x.grad.double())
+    mean_grad = torch.stack(grads).mean(0)
+    assert np.mean(values) == pytest.approx(full, rel=0.02)
+    assert (mean_grad - full_grad).abs().max() < 0.03 * full_grad.abs().max()
+    x = s.clone().requires_grad_(True)
+    cached_soft_target(x, targets_from_logits(t, k, T), T).backward()
+    assert (x.grad.double() - full_grad).abs().max() > 0.2 * full_grad.abs().max()  # biased without the sample
+
+
+def test_the_sampled_gradient_is_the_student_minus_the_sampled_teacher():
+    """p - q_hat: the cached tokens' Q_j, and Q_tail n_v / S on a tail token drawn n_v times."""
+    g = torch.Generator().manual_seed(4)
+    V, k, T, S = 30, 3, 1.0, 10
+    s, t = torch.randn(2, V, generator=g), torch.randn(2, V, generator=g) * 2
+    c = targets_from_logits(t, k, T, samples=S)
+    x = s.clone().requires_grad_(True)
+    cached_soft_target(x, c, T).backward()
+    q = torch.softmax(t / T, -1)
+    q_hat = torch.zeros(2, V).scatter_(1, c.ids, q.gather(1, c.ids))
+    q_tail = 1 - q.gather(1, c.ids).sum(-1, keepdim=True)
+    q_hat.scatter_add_(1, c.samples, (q_tail / S).expand(2, S))
+    assert torch.allclose(x.grad, (torch.softmax(s / T, -1) - q_hat) * T, atol=1e-6)
+
+
+def test_top_k_rows_draw_their_samples_from_the_tail_alone():
+    t = torch.randn(3, 40) * 2
+    rows = top_k_rows(t, 5, 1.0, 20000, torch.Generator().manual_seed(0))
+    assert rows.samples.shape == (3, 20000)
+    q = torch.softmax(t, -1).scatter_(1, rows.ids, 0.0)
+    q = q / q.sum(-1, keepdim=True)
+    for r in range(3):
+        counts = torch.bincount(rows.samples[r], minlength=40).double() / 20000
+        assert counts[rows.ids[r]].sum() == 0
+        assert (counts - q[r]).abs().max() < 0.01
+    assert torch.allclose(rows.entropy, -(q * q.clamp_min(1e-30).log()).sum(-1), atol=1e-5)
+    again = top_k_rows(t, 5, 1.0, 20000, torch.Generator().manual_seed(0))
+    assert torch.equal(again.samples, rows.samples)
+    assert top_k_rows(t, 40, 1.0, 7).samples is None  # no tail to sample
+
+
 def test_cached_targets_of_the_wrong_shape_or_with_mse_are_refused():
     x, w = torch.randn(4, 3), torch.randn(10, 3)
     good = targets_from_logits(torch.randn(4, 10), 3, 1.0)
@@ -123,11 +190,15 @@ def test_cached_targets_of_the_wrong_shape_or_with_mse_are_refused():
         L.projected_vocab_losses(x, w, teacher=targets_from_logits(torch.randn(5, 10), 3, 1.0), soft_target=True)
     with pytest.raises(ValueError, match="top-k"):
         L.projected_vocab_losses(x, w, teacher=good, soft_target=True, mse=True)
+    drawn = targets_from_logits(torch.randn(4, 10), 3, 1.0, samples=2)
+    drawn.entropy = None
+    with pytest.raises(ValueError, match="entropy"):
+        L.projected_vocab_losses(x, w, teacher=drawn, soft_target=True)
 
 
 def test_top_k_rows_keep_the_most_probable_tokens_and_the_rest_of_the_mass():
     t = torch.randn(5, 40) * 3
-    ids, lps, tail = top_k_rows(t, 6, 2.0)
+    ids, lps, tail, _, _ = top_k_rows(t, 6, 2.0)
     ls = torch.log_softmax(t / 2.0, -1)
     assert torch.equal(ids, ls.topk(6, -1).indices)
     assert torch.allclose(lps, ls.gather(1, ids))
@@ -147,6 +218,9 @@ def test_storage_arithmetic():
     assert S.bytes_per_position(64, 49152, "fp16") == 260  # SmolLM2's vocabulary: uint16 ids
     assert S.bytes_per_position(64, 128256, "bf16") == 388  # Llama 3's: uint32 ids
     assert S.bytes_per_position(8, 100, "fp32") == 8 * (2 + 4) + 4
+    assert S.bytes_per_position(64, 49152, "fp16", 16) == 296  # with the default tail samples
+    assert S.bytes_per_position(64, 128256, "fp16", 16) == 388 + 16 * 4 + 4
+    assert S.tail_samples_for(64, 49152, None) == 16 and S.tail_samples_for(49152, 49152, 16) == 0
     assert shard_bounds(np.array([0, 5, 10, 30, 31]), 10) == [(0, 2), (2, 3), (3, 4)]
 
 
@@ -181,8 +255,9 @@ def test_a_cache_holds_the_teachers_top_k_for_every_position_of_every_example(wo
     cache = S.TeacherCache(cache8)
     ds = LMSeqsDataset(str(world.data), max_model_input_size=64)
     assert cache.positions == int(ds.lengths.sum()) and cache.k == 8
-    assert cache.meta["bytes"] == cache.positions * 36 and cache.meta["dataset"]["tokens_sha256"]
-    for name in (S.IDS_FILE, S.LOGPROBS_FILE, S.TAIL_FILE):
+    assert cache.tail_samples == 16
+    assert cache.meta["bytes"] == cache.positions * (36 + 36) and cache.meta["dataset"]["tokens_sha256"]
+    for name in (S.IDS_FILE, S.LOGPROBS_FILE, S.TAIL_FILE, S.SAMPLES_FILE, S.ENTROPY_FILE):
         assert (cache8 / name).stat().st_size > 0
     assert (cache8 / S.TOKENIZER_DIR / "tokenizer.json").is_file() and not (cache8 / "plan.json").exists()
     teacher = AutoModelForCausalLM.from_pretrained(world.teacher).eval()
@@ -190,7 +265,11 @@ def test_a_cache_holds_the_teachers_top_k_for_every_position_of_every_example(wo
         ids = torch.from_numpy(ds[i]["input_ids"]).unsqueeze(0)
         with torch.no_grad():
             ls = torch.log_softmax(teacher(input_ids=ids).logits[0] / 2.0, -1)
-        c_ids, c_lp, c_tail = cache.example(i)
+        c_ids, c_lp, c_tail, c_drawn, c_entropy = cache.example(i)
+        assert c_drawn.shape == (ids.shape[1], 16) and not (c_drawn[:, :, None] == c_ids[:, None, :]).any()
+        tail_q = ls.exp().scatter(1, torch.from_numpy(c_ids), 0.0)
+        tail_q = tail_q / tail_q.sum(-1, keepdim=True)
+        assert np.allclose(c_entropy, -torch.special.xlogy(tail_q, tail_q).sum(-1).numpy(), atol=1e-3)
         assert c_ids.shape == (ids.shape[1], 8)
         mine = ls.gather(1, torch.from_numpy(c_ids))
         # The 8 most probable tokens (up to near-ties: the teacher ran here on one example, there in a batch).
@@ -213,7 +292,7 @@ def test_a_killed_cache_run_resumes_without_redoing_finished_shards(world, cache
     r = subprocess.run(cmd, env=dict(env, DISTILL_FAULT=""), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming: 2 of 4 shards done" in r.stdout
-    for name in (S.IDS_FILE, S.LOGPROBS_FILE, S.TAIL_FILE, S.ROWS_FILE):
+    for name in (S.IDS_FILE, S.LOGPROBS_FILE, S.TAIL_FILE, S.SAMPLES_FILE, S.ENTROPY_FILE, S.ROWS_FILE):
         assert (out / name).read_bytes() == (cache8 / name).read_bytes(), name
     assert not (tmp_path / ".cache.partial").exists()
 
@@ -235,7 +314,7 @@ def test_a_cache_is_not_overwritten_without_force_and_a_full_disk_is_refused_fir
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 900, 900))
-    with pytest.raises(UserError, match=r"needs 66\.4 KB but only 900 B is free"):
+    with pytest.raises(UserError, match=r"needs 132\.8 KB but only 900 B is free"):
         write(world, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists() and not (tmp_path / ".fresh.partial").exists()
 

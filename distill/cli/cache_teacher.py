@@ -37,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_tokens", type=int, default=8192, help="padded tokens per teacher batch (default: 8192)")
     p.add_argument("--shard_positions", type=int, default=1 << 16,
                    help="positions per shard, the unit of resuming (default: 65536)")
+    p.add_argument("--tail_samples", type=int, default=None,
+                   help="tokens drawn per position from the teacher's distribution outside the top k, which give "
+                        "forward KL an unbiased estimate of the tail's shape (default: 16, 2 bytes each; 0 for the "
+                        "top k and one tail bucket only; none when --k is the vocabulary)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tail samples (default: 0)")
     p.add_argument("--bf16", action="store_true", help="run the teacher under bf16 autocast")
     p.add_argument("--force", action="store_true",
                    help="replace an existing cache (the old one stays until the new one is complete)")
@@ -48,12 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    seed_everything(0)  # the teacher runs in eval mode and draws nothing; fixed all the same
+    seed_everything(args.seed)  # the teacher runs in eval mode; the tail samples have their own generator
     res = cache_teacher(teacher_type=args.teacher_type, teacher_name=args.teacher_name, data_file=args.data_file,
                         out=args.dump_path, k=args.k, temperature=args.temperature,
                         max_model_input_size=args.max_model_input_size, logprob_dtype=args.logprob_dtype,
                         batch_tokens=args.batch_tokens, shard_positions=args.shard_positions, bf16=args.bf16,
-                        force=args.force, progress=not args.no_progress)
+                        force=args.force, progress=not args.no_progress, tail_samples=args.tail_samples,
+                        seed=args.seed)
     say(f"wrote {res.positions:,} positions ({human_bytes(res.bytes)}, {res.bytes / res.positions:.0f} bytes a "
         f"position) to {res.folder}; {res.positions_written:,} written now at {res.tokens_per_s:,.0f} tokens/s")
     return 0

@@ -106,19 +106,27 @@ class Collator:
 
     def cached_rows(self, examples: list[dict], L: int) -> dict[str, torch.Tensor]:
         """The cache's rows of each example, padded like the ids: ``teacher_ids`` (B, L, k) int64,
-        ``teacher_logprobs`` (B, L, k) float32 and ``teacher_tail`` (B, L) float32."""
-        B, k = len(examples), self.cache.k
+        ``teacher_logprobs`` (B, L, k) float32 and ``teacher_tail`` (B, L) float32; with tail samples,
+        ``teacher_samples`` (B, L, S) int64 and ``teacher_entropy`` (B, L) float32."""
+        B, k, S = len(examples), self.cache.k, self.cache.tail_samples
         ids = np.zeros((B, L, k), dtype=np.int64)
         lps = np.zeros((B, L, k), dtype=np.float32)
         tail = np.zeros((B, L), dtype=np.float32)
+        drawn = np.zeros((B, L, S), dtype=np.int64)
+        entropy = np.zeros((B, L), dtype=np.float32)
         for b, e in enumerate(examples):
-            i, lp, t = self.cache.example(e["index"])
+            rows = self.cache.example(e["index"])
             n = len(e["input_ids"])
-            if len(i) != n:  # the cache was checked against the dataset's layout: this is a bug
-                raise RuntimeError(f"example {e['index']} has {n} tokens but {len(i)} cached rows")
-            ids[b, :n], lps[b, :n], tail[b, :n] = i, lp, t
-        return {"teacher_ids": torch.from_numpy(ids), "teacher_logprobs": torch.from_numpy(lps),
-                "teacher_tail": torch.from_numpy(tail)}
+            if len(rows.ids) != n:  # the cache was checked against the dataset's layout: this is a bug
+                raise RuntimeError(f"example {e['index']} has {n} tokens but {len(rows.ids)} cached rows")
+            ids[b, :n], lps[b, :n], tail[b, :n] = rows.ids, rows.logprobs, rows.tail
+            if S:
+                drawn[b, :n], entropy[b, :n] = rows.samples, rows.entropy
+        out = {"teacher_ids": torch.from_numpy(ids), "teacher_logprobs": torch.from_numpy(lps),
+               "teacher_tail": torch.from_numpy(tail)}
+        if S:
+            out.update(teacher_samples=torch.from_numpy(drawn), teacher_entropy=torch.from_numpy(entropy))
+        return out
 
     def mask_sequence(self, ids: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(masked ids, labels) for one sequence; deterministic in (seed, epoch, index)."""

@@ -23,6 +23,18 @@ bucket whose mass underflows gives 0 and not 0 × ∞:
 
 A cached token's logit gradient is ``P_j h_j − P_j c`` with ``c = Σ_j P_j h_j``, and a tail token's
 is ``p_v (h_tail − c)``. No (B, L, V) tensor is made in the fused path (:mod:`.fused`).
+
+**The sampled tail (forward KL).** The buckets say how much mass the tail holds, not which of its
+tokens hold it: a tail token's gradient ``p_v (h_tail − c)`` moves all of the student's tail logits
+together, so their shape is never taught. A cache can also hold S tokens drawn from the teacher's
+tail, ``q̃ = q / Q_tail`` on the tokens outside the top k, and the entropy ``H̃`` of ``q̃``. By the
+chain rule of KL, ``KL(q ‖ p) = KL(Q ‖ P) + Q_tail KL(q̃ ‖ p̃)`` with ``p̃ = p / P_tail`` on the
+tail, and ``KL(q̃ ‖ p̃) = E_{v∼q̃}[−log p̃_v] − H̃``. The loss adds the S-sample estimate of that
+term, ``Q_tail ((1/S) Σ_i (log P_tail − log p_{v_i}) − H̃)``, so its value and gradient are unbiased
+estimates of the full forward KL's. The gradient comes out as the online one with the teacher's
+tail replaced by its sample: ``p_v − q̂_v``, where ``q̂`` is the cached ``Q_j`` on the top k and
+``Q_tail n_v / S`` on a tail token drawn ``n_v`` times (0 on the others). The other divergences do
+not split this way over a partition and use the buckets alone.
 """
 
 from __future__ import annotations
@@ -51,27 +63,36 @@ class CachedTargets:
     ids: Tensor
     logprobs: Tensor
     tail: Tensor
+    samples: Tensor | None = None  # (..., S) int64: tokens drawn from the teacher's tail (S may be 0)
+    entropy: Tensor | None = None  # (...,) float32: the entropy of the teacher's renormalised tail
 
     @property
     def k(self) -> int:
         return self.ids.shape[-1]
 
     @property
+    def num_samples(self) -> int:
+        return 0 if self.samples is None else self.samples.shape[-1]
+
+    @property
     def leading(self) -> torch.Size:
         return self.ids.shape[:-1]
 
+    def _map(self, fn) -> "CachedTargets":
+        return CachedTargets(*(None if x is None else fn(x) for x in
+                               (self.ids, self.logprobs, self.tail, self.samples, self.entropy)))
+
     def flat(self) -> "CachedTargets":
-        """(N, k), (N, k), (N,)."""
-        k = self.k
-        return CachedTargets(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.tail.reshape(-1))
+        """(N, k), (N, k), (N,), (N, S), (N,)."""
+        n = self.ids[..., 0].numel()
+        return self._map(lambda x: x.reshape(n, *x.shape[len(self.leading):]))
 
     def rows(self, index: Tensor | slice) -> "CachedTargets":
         """The flat rows at ``index``."""
         f = self.flat()
         if isinstance(index, slice):
-            return CachedTargets(f.ids[index], f.logprobs[index], f.tail[index])
-        return CachedTargets(f.ids.index_select(0, index), f.logprobs.index_select(0, index),
-                             f.tail.index_select(0, index))
+            return f._map(lambda x: x[index])
+        return f._map(lambda x: x.index_select(0, index))
 
 
 def _buckets(lq: Tensor, lt: Tensor) -> Tensor:
@@ -123,6 +144,8 @@ def cached_block(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | N
     ids = t.ids
     log_p = torch.log_softmax(a.float(), -1)  # (n, V) fp32
     lp_top = log_p.gather(1, ids)  # (n, k): finite even where p underflows
+    sampled = _sampled_tail(div, t, V)
+    lp_drawn = log_p.gather(1, t.samples) if sampled else None  # (n, S)
     p = log_p.exp_()  # log_p is not needed again
     p.scatter_(1, ids, 0.0)  # now the tail tokens' probabilities, 0 at the cached ones
     if k < V:  # a sum of small positives: no cancellation, unlike 1 - sum of the top
@@ -132,16 +155,40 @@ def cached_block(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | N
     LP = torch.cat([lp_top, lp_tail.unsqueeze(1)], 1)  # (n, k + 1)
     LQ = _buckets(t.logprobs, t.tail)
     row, ph = bucket_divergence(div, LQ, LP)
+    if sampled:
+        row = row + _tail_term(LQ[:, k], lp_tail, lp_drawn, t.entropy)
     if g_out is None:
         return row, None
-    c = ph.sum(-1, keepdim=True)  # (n, 1)
     P = LP.exp()
+    if sampled:  # forward KL with the tail's sample: p - q_hat (module docstring)
+        g = p  # the tail tokens' p; 0 at the cached ones
+        g.scatter_(1, ids, P[:, :k] - LQ[:, :k].exp())
+        g.scatter_add_(1, t.samples, (-LQ[:, k].exp() / t.num_samples).unsqueeze(1).expand_as(t.samples))
+        g_out.copy_(g)
+        return row, (g.sum(0) if colsum else None)
+    c = ph.sum(-1, keepdim=True)  # (n, 1)
     P_tail = P[:, k]
     h_tail = torch.where(P_tail > 0, ph[:, k] / P_tail.clamp_min(_TINY), 0.0)
     g = p.mul_(h_tail.unsqueeze(1) - c)  # the tail tokens' gradient; 0 at the cached ones
     g.scatter_(1, ids, ph[:, :k] - P[:, :k] * c)
     g_out.copy_(g)
     return row, (g.sum(0) if colsum else None)
+
+
+def _sampled_tail(div: Divergence, t: CachedTargets, V: int) -> bool:
+    """Whether the tail's sample enters the loss: forward KL (skew KL at alpha 0 included), a cache
+    with samples, and a tail to sample from."""
+    forward = div.name == "kl" or (div.name == "skew_kl" and not div.alpha > 0)
+    return forward and t.num_samples > 0 and t.k < V
+
+
+def _tail_term(lq_tail: Tensor, lp_tail: Tensor, lp_drawn: Tensor, entropy: Tensor) -> Tensor:
+    """Rows of ``Q_tail ((1/S) Σ_i (log P_tail − log p_{v_i}) − H̃)``: the S-sample estimate of
+    ``Q_tail KL(q̃ ‖ p̃)``, from the teacher's tail log-mass, the student's, its log-probabilities
+    at the drawn tokens (n, S) and the teacher's tail entropy (0 where the teacher has no tail)."""
+    q_tail = lq_tail.exp()
+    xent = lp_tail.unsqueeze(1).sub(lp_drawn).mean(1)  # (n,): the sampled cross-entropy of the tails
+    return torch.where(q_tail > 0, q_tail * (xent - entropy.float()), 0.0)
 
 
 def cached_rows(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | None, workspace: Workspace,
@@ -153,7 +200,7 @@ def cached_rows(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | No
     rows, sums = [], None
     for r in range(0, n, step):
         e = min(r + step, n)
-        part = CachedTargets(t.ids[r:e], t.logprobs[r:e], t.tail[r:e])
+        part = t.rows(slice(r, e))
         row, cs = cached_block(div, a[r:e], part, None if g_out is None else g_out[r:e], colsum)
         rows.append(row)
         if cs is not None:
@@ -170,6 +217,9 @@ def check_targets(targets: CachedTargets, leading: torch.Size, vocab: int) -> No
                          f"{tuple(leading)}.")
     if targets.logprobs.shape != targets.ids.shape or tuple(targets.tail.shape) != tuple(leading):
         raise ValueError("cached teacher ids, log-probabilities and tail must share their leading shape.")
+    if targets.samples is not None and (tuple(targets.samples.shape[:-1]) != tuple(leading) or targets.entropy is None
+                                        or tuple(targets.entropy.shape) != tuple(leading)):
+        raise ValueError("cached tail samples need their entropy, both with the positions' leading shape.")
     if not 1 <= targets.k <= vocab:
         raise ValueError(f"cached teacher targets hold {targets.k} tokens a position, for a vocabulary of {vocab}.")
 
@@ -196,5 +246,8 @@ def cached_soft_target(student_logits: Tensor, targets: CachedTargets, temperatu
         lp_tail = log_p.masked_fill(hit, -math.inf).logsumexp(-1, keepdim=True)
     else:
         lp_tail = lp_top.new_full((lp_top.shape[0], 1), -math.inf)
-    row, _ = bucket_divergence(div, _buckets(t.logprobs, t.tail), torch.cat([lp_top, lp_tail], 1))
+    LQ = _buckets(t.logprobs, t.tail)
+    row, _ = bucket_divergence(div, LQ, torch.cat([lp_top, lp_tail], 1))
+    if _sampled_tail(div, t, V):
+        row = row + _tail_term(LQ[:, t.k], lp_tail.squeeze(1), log_p.gather(1, t.samples), t.entropy)
     return row.sum() * (temperature * temperature)

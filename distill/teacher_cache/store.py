@@ -5,6 +5,8 @@ A cache folder (what ``distill-cache-teacher`` writes and ``train.py --teacher_c
     ids.bin        (positions, k) the teacher's top-k token ids per position, uint16 (V <= 65,536) or uint32
     logprobs.bin   (positions, k) their log-probabilities at the cache's temperature, fp16, bf16 or fp32
     tail.bin       (positions,) float32, the log of the mass outside the top k (-inf when k = V)
+    samples.bin    (positions, S) tokens drawn from the teacher's tail (the top k excluded), ids as ids.bin
+    entropy.bin    (positions,) float32, the entropy of the teacher's tail distribution (renormalised)
     offsets.npy    int64 (examples + 1,): example i of the dataset owns rows offsets[i]:offsets[i+1]
     tokenizer/     the teacher's tokenizer, saved with the student trained from the cache
     meta.json      the teacher, k, temperature, dtypes, the dataset and its hash, the example layout
@@ -12,13 +14,15 @@ A cache folder (what ``distill-cache-teacher`` writes and ``train.py --teacher_c
 The rows follow the training dataset's examples (:class:`~distill.data.dataset.LMSeqsDataset` at
 the cache's ``--max_model_input_size``: a binarized sequence cut into chunks, each wrapped in the
 start and end tokens), one row per token of an example, in dataset order. Bytes per position:
-``k * (id bytes + log-prob bytes) + 4``; at k = 64 with a vocabulary under 65,536 and fp16, 260.
+``k * (id bytes + log-prob bytes) + 4``, plus ``S * id bytes + 4`` with S tail samples; at k = 64
+with a vocabulary under 65,536 and fp16, 260, and 296 with S = 16 (the default).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,9 +30,11 @@ from distill.data.binarize import OFFSETS_FILE, TOKENS_FILE, read_meta
 from distill.errors import UserError
 from distill.fileio import sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tail samples and entropy
 KIND = "distill-teacher-cache"
 IDS_FILE, LOGPROBS_FILE, TAIL_FILE = "ids.bin", "logprobs.bin", "tail.bin"
+SAMPLES_FILE, ENTROPY_FILE = "samples.bin", "entropy.bin"
+DEFAULT_TAIL_SAMPLES = 16
 ROWS_FILE, META_FILE = "offsets.npy", "meta.json"
 TOKENIZER_DIR = "tokenizer"
 # Stored dtypes of the log-probabilities; bf16 is kept as its raw 16 bits (numpy has no bfloat16).
@@ -40,9 +46,30 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def bytes_per_position(k: int, vocab_size: int, logprob_dtype: str) -> int:
-    """Disk bytes of one cached position: k ids, k log-probabilities and the tail's log-mass."""
-    return k * (id_dtype(vocab_size).itemsize + LOGPROB_DTYPES[logprob_dtype].itemsize) + TAIL_DTYPE.itemsize
+def bytes_per_position(k: int, vocab_size: int, logprob_dtype: str, tail_samples: int = 0) -> int:
+    """Disk bytes of one cached position: k ids, k log-probabilities and the tail's log-mass; with
+    tail samples, their ids and the tail's entropy."""
+    ids = id_dtype(vocab_size).itemsize
+    top = k * (ids + LOGPROB_DTYPES[logprob_dtype].itemsize) + TAIL_DTYPE.itemsize
+    return top + (tail_samples * ids + TAIL_DTYPE.itemsize if tail_samples else 0)
+
+
+def tail_samples_for(k: int, vocab_size: int, requested: int | None) -> int:
+    """The tail samples a cache stores: none when the top k are the whole vocabulary."""
+    if k >= vocab_size:
+        return 0
+    return DEFAULT_TAIL_SAMPLES if requested is None else requested
+
+
+class CacheRows(NamedTuple):
+    """One example's cached rows (n positions): ids (n, k) int64, logprobs (n, k) float32, tail (n,)
+    float32, samples (n, S) int64 and entropy (n,) float32 (None without tail samples)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail: np.ndarray
+    samples: np.ndarray | None
+    entropy: np.ndarray | None
 
 
 def example_rows(lengths: np.ndarray) -> np.ndarray:
@@ -98,10 +125,14 @@ class TeacherCache:
         self.positions = int(self.meta["positions"])
         self.vocab_size = int(self.meta["vocab_size"])
         self.logprob_dtype = self.meta["logprob_dtype"]
+        self.tail_samples = int(self.meta.get("tail_samples", 0))
         self.rows = np.load(self.folder / ROWS_FILE)
         expected = {IDS_FILE: self.positions * self.k * id_dtype(self.vocab_size).itemsize,
                     LOGPROBS_FILE: self.positions * self.k * LOGPROB_DTYPES[self.logprob_dtype].itemsize,
                     TAIL_FILE: self.positions * TAIL_DTYPE.itemsize}
+        if self.tail_samples:
+            expected[SAMPLES_FILE] = self.positions * self.tail_samples * id_dtype(self.vocab_size).itemsize
+            expected[ENTROPY_FILE] = self.positions * TAIL_DTYPE.itemsize
         for name, size in expected.items():
             path = self.folder / name
             if not path.is_file() or path.stat().st_size != size:
@@ -117,12 +148,15 @@ class TeacherCache:
 
     def _open(self):
         if self._maps is None:
-            k, n = self.k, self.positions
+            k, n, S = self.k, self.positions, self.tail_samples
             self._maps = (
                 np.memmap(self.folder / IDS_FILE, dtype=id_dtype(self.vocab_size), mode="r", shape=(n, k)),
                 np.memmap(self.folder / LOGPROBS_FILE, dtype=LOGPROB_DTYPES[self.logprob_dtype], mode="r",
                           shape=(n, k)),
-                np.memmap(self.folder / TAIL_FILE, dtype=TAIL_DTYPE, mode="r", shape=(n,)))
+                np.memmap(self.folder / TAIL_FILE, dtype=TAIL_DTYPE, mode="r", shape=(n,)),
+                np.memmap(self.folder / SAMPLES_FILE, dtype=id_dtype(self.vocab_size), mode="r", shape=(n, S))
+                if S else None,
+                np.memmap(self.folder / ENTROPY_FILE, dtype=TAIL_DTYPE, mode="r", shape=(n,)) if S else None)
         return self._maps
 
     def __getstate__(self) -> dict:
@@ -130,16 +164,19 @@ class TeacherCache:
         state["_maps"] = None
         return state
 
-    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Example i's rows: ids (n, k) int64, log-probabilities (n, k) float32, tail (n,) float32."""
-        ids, lps, tail = self._open()
+    def example(self, i: int) -> CacheRows:
+        """Example i's rows (:class:`CacheRows`)."""
+        ids, lps, tail, samples, entropy = self._open()
         a, b = int(self.rows[i]), int(self.rows[i + 1])
         lp = lps[a:b]
         lp = bf16_to_float32(lp) if self.logprob_dtype == "bf16" else lp.astype(np.float32)
-        return ids[a:b].astype(np.int64), lp, np.asarray(tail[a:b], dtype=np.float32)
+        return CacheRows(ids[a:b].astype(np.int64), lp, np.asarray(tail[a:b], dtype=np.float32),
+                         None if samples is None else samples[a:b].astype(np.int64),
+                         None if entropy is None else np.asarray(entropy[a:b], dtype=np.float32))
 
     def describe(self) -> str:
-        return (f"{self.folder} (k = {self.k} of {self.vocab_size:,} tokens, temperature {self.temperature:g}, "
+        drawn = f", {self.tail_samples} tail samples" if self.tail_samples else ""
+        return (f"{self.folder} (k = {self.k} of {self.vocab_size:,} tokens{drawn}, temperature {self.temperature:g}, "
                 f"{self.positions:,} positions, {self.meta['teacher']['name']})")
 
     def identity(self) -> dict:

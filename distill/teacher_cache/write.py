@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,39 +105,84 @@ def _teacher_identity(teacher_type: str, teacher_name: str, model) -> dict:
             **teacher_identity(teacher_name)}
 
 
+def _files(positions: int, k: int, vocab: int, logprob_dtype: str, tail_samples: int) -> dict[str, int]:
+    """The cache's row files and their sizes in bytes."""
+    ids = S.id_dtype(vocab).itemsize
+    files = {S.IDS_FILE: positions * k * ids, S.LOGPROBS_FILE: positions * k * S.LOGPROB_DTYPES[logprob_dtype].itemsize,
+             S.TAIL_FILE: positions * S.TAIL_DTYPE.itemsize}
+    if tail_samples:
+        files[S.SAMPLES_FILE] = positions * tail_samples * ids
+        files[S.ENTROPY_FILE] = positions * S.TAIL_DTYPE.itemsize
+    return files
+
+
 class _Writer:
     """The open memory maps of a staging folder."""
 
-    def __init__(self, folder: Path, positions: int, k: int, vocab: int, logprob_dtype: str):
+    def __init__(self, folder: Path, positions: int, k: int, vocab: int, logprob_dtype: str, tail_samples: int):
         self.ids = np.memmap(folder / S.IDS_FILE, dtype=S.id_dtype(vocab), mode="r+", shape=(positions, k))
         self.lps = np.memmap(folder / S.LOGPROBS_FILE, dtype=S.LOGPROB_DTYPES[logprob_dtype], mode="r+",
                              shape=(positions, k))
         self.tail = np.memmap(folder / S.TAIL_FILE, dtype=S.TAIL_DTYPE, mode="r+", shape=(positions,))
+        self.maps = [self.ids, self.lps, self.tail]
+        if tail_samples:
+            self.samples = np.memmap(folder / S.SAMPLES_FILE, dtype=S.id_dtype(vocab), mode="r+",
+                                     shape=(positions, tail_samples))
+            self.entropy = np.memmap(folder / S.ENTROPY_FILE, dtype=S.TAIL_DTYPE, mode="r+", shape=(positions,))
+            self.maps += [self.samples, self.entropy]
         self.bf16 = logprob_dtype == "bf16"
 
-    def put(self, a: int, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor) -> None:
-        b = a + ids.shape[0]
-        self.ids[a:b] = ids.numpy()
-        lp = lps.float().numpy()
+    def put(self, a: int, rows: "TopK") -> None:
+        b = a + rows.ids.shape[0]
+        self.ids[a:b] = rows.ids.numpy()
+        lp = rows.logprobs.float().numpy()
         self.lps[a:b] = S.float32_to_bf16(lp) if self.bf16 else lp
-        self.tail[a:b] = tail.float().numpy()
+        self.tail[a:b] = rows.tail.float().numpy()
+        if rows.samples is not None:
+            self.samples[a:b] = rows.samples.numpy()
+            self.entropy[a:b] = rows.entropy.numpy()
 
     def flush(self) -> None:
-        for m in (self.ids, self.lps, self.tail):
+        for m in self.maps:
             m.flush()
 
 
+class TopK(NamedTuple):
+    """A block of cached rows: ids (n, k), log-probabilities (n, k), log tail mass (n,); with tail
+    samples, samples (n, S) and the tail's entropy (n,), else None."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    samples: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+    def slice(self, a: int, b: int) -> "TopK":
+        return TopK(*(None if x is None else x[a:b] for x in self))
+
+
 @torch.inference_mode()
-def top_k_rows(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids (n, k), log-probabilities (n, k), log tail mass (n,)) of logits (n, V) at ``temperature``,
-    in fp32; the top k in decreasing order."""
+def top_k_rows(logits: torch.Tensor, k: int, temperature: float, tail_samples: int = 0,
+               generator: torch.Generator | None = None) -> TopK:
+    """The cached rows of logits (n, V) at ``temperature``, in fp32: the top k in decreasing order,
+    the tail's log-mass, and with ``tail_samples`` S, S tokens drawn with replacement from the
+    teacher's tail distribution (the top k excluded, renormalised) and that distribution's entropy."""
     ls = torch.log_softmax(logits.float() / temperature, -1)
     top = ls.topk(k, -1)
-    if k < ls.shape[1]:  # the tail's log-mass from its own terms (1 - sum of the top would cancel)
-        tail = ls.scatter_(1, top.indices, -math.inf).logsumexp(-1)
-    else:
-        tail = ls.new_full((ls.shape[0],), -math.inf)
-    return top.indices, top.values, tail
+    if k >= ls.shape[1]:
+        return TopK(top.indices, top.values, ls.new_full((ls.shape[0],), -math.inf))
+    ls.scatter_(1, top.indices, -math.inf)  # the tail tokens' log-probabilities, -inf at the top k
+    tail = ls.logsumexp(-1)  # the tail's log-mass from its own terms (1 - sum of the top would cancel)
+    if not tail_samples:
+        return TopK(top.indices, top.values, tail)
+    q = ls.sub_(tail.unsqueeze(1)).exp_()  # the renormalised tail, 0 at the top k
+    entropy = -torch.special.xlogy(q, q).sum(-1)
+    empty = ~torch.isfinite(tail)  # every tail probability underflowed: any tail token will do (weight 0)
+    if bool(empty.any()):
+        q[empty] = torch.ones_like(q[empty]).scatter_(1, top.indices[empty], 0.0)
+        entropy[empty] = 0.0
+    samples = torch.multinomial(q, tail_samples, replacement=True, generator=generator)
+    return TopK(top.indices, top.values, tail, samples, entropy)
 
 
 class _TeacherPass:
@@ -145,12 +191,15 @@ class _TeacherPass:
 
     ROWS = 256  # rows projected at a time
 
-    def __init__(self, model, k: int, temperature: float, amp_dtype: torch.dtype | None, pad_id: int):
+    def __init__(self, model, k: int, temperature: float, amp_dtype: torch.dtype | None, pad_id: int,
+                 tail_samples: int = 0):
         self.model, self.k, self.T, self.amp_dtype, self.pad_id = model, k, temperature, amp_dtype, pad_id
+        self.tail_samples = tail_samples
+        self.generator = torch.Generator()
         self.device = torch.device("cpu")
         self.proj = L.output_projection(model)
 
-    def __call__(self, examples: list[np.ndarray]):
+    def __call__(self, examples: list[np.ndarray]) -> TopK:
         B, Lmax = len(examples), max(len(e) for e in examples)
         ids = torch.full((B, Lmax), self.pad_id, dtype=torch.int64)
         attn = torch.zeros((B, Lmax), dtype=torch.int64)
@@ -171,16 +220,21 @@ class _TeacherPass:
                 logits = L.ProjectedLogits(x, self.proj.weight, self.proj.bias, self.amp_dtype).materialize()
             else:
                 logits = x
-            out.append(top_k_rows(logits, self.k, self.T))
-        return [torch.cat(col) for col in zip(*out)]
+            out.append(top_k_rows(logits, self.k, self.T, self.tail_samples, self.generator))
+        return TopK(*(None if col[0] is None else torch.cat(col) for col in zip(*out)))
 
 
 def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: str | Path, k: int = 64,
                   temperature: float = 2.0, max_model_input_size: int = 512, logprob_dtype: str = "fp16",
                   batch_tokens: int = 8192, shard_positions: int = 1 << 16, bf16: bool = False,
-                  force: bool = False, progress: bool = True) -> CacheResult:
-    """Write the cache of ``teacher_name`` on ``data_file`` into ``out`` (see the module docstring)."""
+                  force: bool = False, progress: bool = True, tail_samples: int | None = None,
+                  seed: int = 0) -> CacheResult:
+    """Write the cache of ``teacher_name`` on ``data_file`` into ``out`` (see the module docstring).
+    ``tail_samples``: tokens drawn from the teacher's tail per position (default 16, none when k is the
+    vocabulary), from a generator seeded with ``seed`` and the shard."""
     out = Path(out)
+    if tail_samples is not None and tail_samples < 0:
+        raise UserError("--tail_samples must be 0 or more")
     if logprob_dtype not in S.LOGPROB_DTYPES:
         raise UserError(f"--logprob_dtype must be one of {', '.join(S.LOGPROB_DTYPES)}")
     if not temperature > 0 or not math.isfinite(temperature):
@@ -225,10 +279,12 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
 
     rows = S.example_rows(dataset.lengths)
     positions = int(rows[-1])
-    per = S.bytes_per_position(k, vocab, logprob_dtype)
+    n_samples = S.tail_samples_for(k, vocab, tail_samples)
+    per = S.bytes_per_position(k, vocab, logprob_dtype, n_samples)
     total = positions * per
     plan = {"teacher": _teacher_identity(teacher_type, teacher_name, model), "k": k, "temperature": temperature,
             "logprob_dtype": logprob_dtype, "id_dtype": S.id_dtype(vocab).name, "vocab_size": vocab,
+            "tail_samples": n_samples, "seed": seed,
             "max_model_input_size": max_model_input_size, "dataset": S.dataset_identity(data_file),
             "examples": len(dataset), "positions": positions, "shard_positions": shard_positions,
             "bf16": bf16}
@@ -251,18 +307,18 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
     need = (positions - written) * per
     free = shutil.disk_usage(out.parent).free
     resuming = f"; resuming: {len(done)} of {len(shards)} shards done" if done else ""
+    drawn = f", {n_samples} tail samples and the tail's entropy" if n_samples else ""
     say(f"caching the teacher: {positions:,} positions x {per} bytes (k = {k}: ids {S.id_dtype(vocab).name}, "
-        f"log-probabilities {logprob_dtype}, tail float32) = {human_bytes(total)} in {out}; "
+        f"log-probabilities {logprob_dtype}, tail float32{drawn}) = {human_bytes(total)} in {out}; "
         f"{human_bytes(free)} free on its disk{resuming}")
     if not staging.exists() and free < need:
         raise UserError(f"the cache needs {human_bytes(need)} but only {human_bytes(free)} is free on the disk of "
-                        f"{out.parent}; free some space, or choose a smaller --k or a 16-bit --logprob_dtype")
+                        f"{out.parent}; free some space, or choose a smaller --k, fewer --tail_samples or a 16-bit --logprob_dtype")
     if not staging.exists():
         staging.mkdir()
         try:
-            _reserve(staging / S.IDS_FILE, positions * k * S.id_dtype(vocab).itemsize)
-            _reserve(staging / S.LOGPROBS_FILE, positions * k * S.LOGPROB_DTYPES[logprob_dtype].itemsize)
-            _reserve(staging / S.TAIL_FILE, positions * S.TAIL_DTYPE.itemsize)
+            for name, size in _files(positions, k, vocab, logprob_dtype, n_samples).items():
+                _reserve(staging / name, size)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"could not reserve {human_bytes(total)} for the cache in {out.parent} "
@@ -270,10 +326,10 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
         np.save(staging / S.ROWS_FILE, rows)
         write_atomic(staging / PLAN_FILE, json.dumps(plan, indent=2) + "\n")
 
-    writer = _Writer(staging, positions, k, vocab, logprob_dtype)
+    writer = _Writer(staging, positions, k, vocab, logprob_dtype, n_samples)
     special = dataset.meta["special_token_ids"]
     run = _TeacherPass(model, k, temperature, torch.bfloat16 if bf16 else None,
-                       special.get("pad_token", special.get("eos_token", 0)))
+                       special.get("pad_token", special.get("eos_token", 0)), n_samples)
     from tqdm import tqdm
 
     bar = tqdm(total=positions, initial=written, unit="tok", unit_scale=True, desc="caching the teacher",
@@ -284,18 +340,19 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
             if s in done:
                 continue
             t0 = time.perf_counter()
+            run.generator.manual_seed(seed * 1_000_003 + s)  # a shard's draws do not depend on the others'
             # Longest first within the shard, batched to about batch_tokens padded tokens.
             order = sorted(range(a, b), key=lambda i: -int(dataset.lengths[i]))
             i = 0
             while i < len(order):
                 n = max(1, batch_tokens // int(dataset.lengths[order[i]]))
                 batch = order[i:i + n]
-                ids, lps, tail = run([dataset[j]["input_ids"] for j in batch])
-                tail_mass += float(tail.double().exp().sum())
+                block = run([dataset[j]["input_ids"] for j in batch])
+                tail_mass += float(block.tail.double().exp().sum())
                 r = 0
                 for j in batch:  # each example's rows to its place
                     m = int(dataset.lengths[j])
-                    writer.put(int(rows[j]), ids[r:r + m], lps[r:r + m], tail[r:r + m])
+                    writer.put(int(rows[j]), block.slice(r, r + m))
                     r += m
                 bar.update(r)
                 i += n
