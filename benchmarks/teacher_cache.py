@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--assets_dir", default="assets")
     p.add_argument("--max_steps", type=int, default=None, help="override the full recipe's steps")
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--tail_samples", type=int, default=None,
+                   help="tail samples per position in the cache (default: the writer's, 16; 0 for buckets only)")
     p.add_argument("--temperature", type=float, default=None,
                    help="the soft-target temperature of both runs (default: the recipe's, 2)")
     p.add_argument("--timing_rounds", type=int, default=3)
@@ -113,14 +115,17 @@ def main(argv=None) -> int:
         recipe = replace(recipe, temperature=args.temperature)
     teacher, data, student_init = run / "teacher", run / "data", run / "student_init"
     t_tag = f"_t{recipe.temperature:g}" if recipe.temperature != clm.FULL.temperature else ""
-    cache_dir = run / f"teacher_cache_k{args.k}{t_tag}"
+    s_tag = "" if args.tail_samples is None else f"_s{args.tail_samples}"
+    cache_dir = run / f"teacher_cache_k{args.k}{s_tag}{t_tag}"
     if not (cache_dir / "meta.json").is_file():
         print(f"\n== caching the teacher into {cache_dir}", flush=True)
         cache_teacher(teacher_type="llama", teacher_name=str(teacher), data_file=str(data), out=cache_dir,
-                      k=args.k, temperature=recipe.temperature, max_model_input_size=recipe.max_len, bf16=bf16)
+                      k=args.k, temperature=recipe.temperature, max_model_input_size=recipe.max_len, bf16=bf16,
+                      tail_samples=args.tail_samples)
     cache = TeacherCache(cache_dir)
     du = sum(f.stat().st_blocks * 512 for f in cache_dir.rglob("*") if f.is_file())
-    cache_record = {"k": cache.k, "positions": cache.positions, "bytes": cache.meta["bytes"],
+    cache_record = {"k": cache.k, "tail_samples": cache.tail_samples, "positions": cache.positions,
+                    "bytes": cache.meta["bytes"],
                     "bytes_per_position": cache.meta["bytes"] / cache.positions, "disk_usage_bytes": du,
                     "writing_tokens_per_s": cache.meta["last_run"]["tokens_per_s"],
                     "writing_seconds": cache.meta["last_run"]["seconds"], "teacher_bf16": cache.meta["bf16"],
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
     windows = clm.held_out_windows(teacher, held_out, recipe)
     bench = run / "teacher_cache_runs"
     online = bench / f"online_{recipe.max_steps}{t_tag}"
-    cached = bench / f"cached_k{args.k}_{recipe.max_steps}{t_tag}"
+    cached = bench / f"cached_k{args.k}{s_tag}_{recipe.max_steps}{t_tag}"
     print("\n== online", flush=True)
     clm.distil(recipe, data, teacher, student_init, online, bf16)
     print("\n== from the cache", flush=True)
@@ -163,10 +168,11 @@ def main(argv=None) -> int:
         lines.append(f"| {label} | " + " | ".join(f"{scores[label][n]:,.2f}" for n in names) + " |")
     print(f"\nHeld-out perplexity after {recipe.max_steps} steps of {recipe.accumulation} x {recipe.batch_size} x "
           f"{recipe.max_len} tokens ({'bf16' if bf16 else 'fp32'}), ce + clm:\n\n" + "\n".join(lines))
-    print(f"\ncache: k = {cache.k}, {cache_record['bytes_per_position']:.0f} bytes a position, written at "
+    print(f"\ncache: k = {cache.k}, {cache.tail_samples} tail samples, {cache_record['bytes_per_position']:.0f} "
+          f"bytes a position, written at "
           f"{cache_record['writing_tokens_per_s']:,.0f} tokens/s; step: online {med['online']:.2f}s, cached "
           f"{med['cached']:.2f}s ({record['speedup']:.2f}x)")
-    write_atomic(run / f"teacher_cache{t_tag}.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(run / f"teacher_cache{s_tag}{t_tag}.json", json.dumps(record, indent=2) + "\n")
     return 0
 
 

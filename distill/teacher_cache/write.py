@@ -32,6 +32,7 @@ from distill.teacher_cache import store as S
 from distill.testing.faults import kill_point
 
 PLAN_FILE, DONE_FILE = "plan.json", "done.json"
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -171,17 +172,20 @@ def top_k_rows(logits: torch.Tensor, k: int, temperature: float, tail_samples: i
     top = ls.topk(k, -1)
     if k >= ls.shape[1]:
         return TopK(top.indices, top.values, ls.new_full((ls.shape[0],), -math.inf))
-    ls.scatter_(1, top.indices, -math.inf)  # the tail tokens' log-probabilities, -inf at the top k
-    tail = ls.logsumexp(-1)  # the tail's log-mass from its own terms (1 - sum of the top would cancel)
+    q = ls.exp().scatter_(1, top.indices, 0.0)  # the tail's probabilities, 0 at the top k
+    mass = q.sum(-1)  # a sum of small positives: no cancellation, unlike 1 - the top's
+    tail = mass.log()
+    empty = mass == 0  # every tail probability underflowed: the log-mass from the log-probabilities
+    if bool(empty.any()):
+        tail[empty] = ls[empty].scatter(1, top.indices[empty], -math.inf).logsumexp(-1)
     if not tail_samples:
         return TopK(top.indices, top.values, tail)
-    q = ls.sub_(tail.unsqueeze(1)).exp_()  # the renormalised tail, 0 at the top k
-    entropy = -torch.special.xlogy(q, q).sum(-1)
-    empty = ~torch.isfinite(tail)  # every tail probability underflowed: any tail token will do (weight 0)
-    if bool(empty.any()):
+    # The tail distribution's entropy, log Q - (sum_v q_v log q_v) / Q, in one pass over the rows.
+    entropy = tail - torch.bmm(q.unsqueeze(1), ls.unsqueeze(2)).view(-1) / mass.clamp_min(_TINY)
+    if bool(empty.any()):  # any tail token will do (its weight is 0)
         q[empty] = torch.ones_like(q[empty]).scatter_(1, top.indices[empty], 0.0)
         entropy[empty] = 0.0
-    samples = torch.multinomial(q, tail_samples, replacement=True, generator=generator)
+    samples = torch.multinomial(q, tail_samples, replacement=True, generator=generator)  # q need not sum to 1
     return TopK(top.indices, top.values, tail, samples, entropy)
 
 
@@ -190,6 +194,8 @@ class _TeacherPass:
     through the vocabulary projection (no (B, L, V) logits for the models whose head is a plain one)."""
 
     ROWS = 256  # rows projected at a time
+    POST_ROWS = 32  # rows of logits reduced to their top k (and tail samples) at a time: 104 against 126 ms
+    # for 256 rows of SmolLM2's 49,152 logits in blocks of 256, on a 2-core AMD EPYC
 
     def __init__(self, model, k: int, temperature: float, amp_dtype: torch.dtype | None, pad_id: int,
                  tail_samples: int = 0):
@@ -220,7 +226,9 @@ class _TeacherPass:
                 logits = L.ProjectedLogits(x, self.proj.weight, self.proj.bias, self.amp_dtype).materialize()
             else:
                 logits = x
-            out.append(top_k_rows(logits, self.k, self.T, self.tail_samples, self.generator))
+            for q in range(0, logits.shape[0], self.POST_ROWS):  # the softmax passes on blocks that stay in cache
+                out.append(top_k_rows(logits[q:q + self.POST_ROWS], self.k, self.T, self.tail_samples,
+                                      self.generator))
         return TopK(*(None if col[0] is None else torch.cat(col) for col in zip(*out)))
 
 
