@@ -4,16 +4,19 @@
     python benchmarks/teacher_cache.py --max_steps 8   # a short check
 
 1. Runs `python -m distill.demo.clm --quick` for its teacher, data and extracted student (reused).
-2. Caches the teacher (SmolLM2-135M) over the demo's whole binarized corpus at k = 64 and the recipe's
-   temperature (`scripts/cache_teacher.py`; reused when it exists) and reports bytes per position and
-   the writing speed in tokens/s.
-3. Distils the extracted student twice with the recipe's flags and seed, for the same steps: online
-   (the teacher's full vocabulary, every step) and from the cache. Both use ce + clm: the recipe's
-   cosine loss needs the teacher's hidden states, which a cache does not hold, so it is off in both.
-4. Scores both students, the teacher and the extracted student on the demo's held-out windows.
-5. Times optimizer steps of both set-ups side by side in this process, alternating, on the same
-   micro-batches: each round runs one untimed step of a set-up (switching refills the caches), then
-   its timed steps. Reports the median step times and their ratio.
+2. Caches the teacher (SmolLM2-135M) over the demo's whole binarized corpus (or its first
+   `--train_chapters`) at k = 64, with 16 tail samples, at the recipe's temperature
+   (`scripts/cache_teacher.py`; reused when it exists), and reports bytes per position and the
+   writing speed in tokens/s.
+3. Distils the extracted student with the recipe's flags and seed, for the same steps: online (the
+   teacher's full vocabulary, every step), and from the cache once per `--tail_samples` value (by
+   default 0, the top k and the tail bucket alone, read from the same files, and 16). All use
+   ce + clm: the recipe's cosine loss needs the teacher's hidden states, which a cache does not
+   hold, so it is off in every run.
+4. Scores the students, the teacher and the extracted student on the demo's held-out windows.
+5. Times optimizer steps of the online and the sampled set-ups side by side in this process,
+   alternating, on the same micro-batches: each round runs one untimed step of a set-up (switching
+   refills the caches), then its timed steps. Reports the median step times and their ratio.
 
 `--temperature 1` runs all of it at T = 1 (its own cache and students). Prints one JSON record and a
 Markdown table; writes `<run_dir>/teacher_cache[_t<T>].json`.
@@ -92,36 +95,75 @@ def time_steps(argvs: dict[str, list[str]], rounds: int, steps: int) -> dict[str
     return times
 
 
+def bucket_view(cache_dir: Path, view: Path) -> Path:
+    """The cache without its tail samples: the same top-k files (linked), read as a cache written with
+    ``--tail_samples 0``, so that both variants train on identical top-k rows."""
+    if (view / "meta.json").is_file():
+        return view
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("ids.bin", "logprobs.bin", "tail.bin", "offsets.npy", "tokenizer"):
+        if (cache_dir / name).exists() and not (view / name).exists():
+            (view / name).symlink_to((cache_dir / name).resolve())
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    meta["tail_samples"] = 0
+    write_atomic(view / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return view
+
+
+def subset_data(run: Path, chapters: int, teacher: Path) -> Path:
+    """The first ``chapters`` chapters of the demo's corpus, binarized with the teacher's tokenizer."""
+    data = run / f"data_ch{chapters}"
+    if (data / "meta.json").is_file():
+        return data
+    (_, _, corpus, _), _ = clm.get_assets(Path("assets"))
+    lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:chapters]
+    text = run / f"corpus_ch{chapters}.txt"
+    write_atomic(text, "".join(lines))
+    clm.binarize_corpus(text, teacher, data)
+    return data
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default="runs/demo-clm")
     p.add_argument("--assets_dir", default="assets")
     p.add_argument("--max_steps", type=int, default=None, help="override the full recipe's steps")
+    p.add_argument("--batch_size", type=int, default=None, help="override the full recipe's micro-batch (8)")
+    p.add_argument("--accumulation", type=int, default=None, help="override the full recipe's accumulation (2)")
+    p.add_argument("--eval_tokens", type=int, default=None, help="override the full recipe's held-out tokens (4096)")
+    p.add_argument("--train_chapters", type=int, default=None,
+                   help="train (and cache) on the corpus's first N chapters only, where the whole corpus is too slow")
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--tail_samples", type=int, default=None,
-                   help="tail samples per position in the cache (default: the writer's, 16; 0 for buckets only)")
+    p.add_argument("--tail_samples", default="0,16",
+                   help="comma-separated: a cached run per value, from one cache with the largest (default: 0,16; "
+                        "0 is the top k and the tail bucket alone)")
     p.add_argument("--temperature", type=float, default=None,
                    help="the soft-target temperature of both runs (default: the recipe's, 2)")
     p.add_argument("--timing_rounds", type=int, default=3)
-    p.add_argument("--timing_steps", type=int, default=3, help="timed steps per set-up and round")
+    p.add_argument("--timing_steps", type=int, default=3, help="timed steps per set-up and round (0: no timing)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     args = p.parse_args(argv)
     run, bf16 = Path(args.run_dir), use_bf16(args.bf16)
     clm.main(["--run_dir", str(run), "--assets_dir", args.assets_dir, "--quick", "--bf16", "on" if bf16 else "off"])
     recipe = replace(clm.FULL, alpha_cos=0.0)
-    if args.max_steps is not None:
-        recipe = replace(recipe, max_steps=args.max_steps)
-    if args.temperature is not None:
-        recipe = replace(recipe, temperature=args.temperature)
+    for field, value in (("max_steps", args.max_steps), ("temperature", args.temperature),
+                         ("batch_size", args.batch_size), ("accumulation", args.accumulation),
+                         ("eval_tokens", args.eval_tokens)):
+        if value is not None:
+            recipe = replace(recipe, **{field: value})
     teacher, data, student_init = run / "teacher", run / "data", run / "student_init"
-    t_tag = f"_t{recipe.temperature:g}" if recipe.temperature != clm.FULL.temperature else ""
-    s_tag = "" if args.tail_samples is None else f"_s{args.tail_samples}"
-    cache_dir = run / f"teacher_cache_k{args.k}{s_tag}{t_tag}"
+    if args.train_chapters is not None:
+        data = subset_data(run, args.train_chapters, teacher)
+    sizes = sorted({int(x) for x in args.tail_samples.split(",")})
+    tag = (f"_t{recipe.temperature:g}" if recipe.temperature != clm.FULL.temperature else "") + \
+        (f"_ch{args.train_chapters}" if args.train_chapters is not None else "") + \
+        (f"_b{recipe.accumulation}x{recipe.batch_size}" if (recipe.batch_size, recipe.accumulation) != (8, 2) else "")
+    cache_dir = run / f"teacher_cache_k{args.k}_s{sizes[-1]}{tag}"
     if not (cache_dir / "meta.json").is_file():
         print(f"\n== caching the teacher into {cache_dir}", flush=True)
         cache_teacher(teacher_type="llama", teacher_name=str(teacher), data_file=str(data), out=cache_dir,
                       k=args.k, temperature=recipe.temperature, max_model_input_size=recipe.max_len, bf16=bf16,
-                      tail_samples=args.tail_samples)
+                      tail_samples=sizes[-1])
     cache = TeacherCache(cache_dir)
     du = sum(f.stat().st_blocks * 512 for f in cache_dir.rglob("*") if f.is_file())
     cache_record = {"k": cache.k, "tail_samples": cache.tail_samples, "positions": cache.positions,
@@ -131,19 +173,45 @@ def main(argv=None) -> int:
                     "writing_seconds": cache.meta["last_run"]["seconds"], "teacher_bf16": cache.meta["bf16"],
                     "mean_top_k_mass": cache.meta["last_run"].get("mean_top_k_mass")}
     print(json.dumps({"cache": cache_record}), flush=True)
+    caches = {S: cache_dir if S == cache.tail_samples else bucket_view(cache_dir, run / f"{cache_dir.name}_as_s0")
+              for S in sizes}
+    if any(S not in (0, cache.tail_samples) for S in sizes):
+        raise SystemExit("--tail_samples: only 0 and one other value are compared in a run")
 
     (_, _, _, held_out), _ = clm.get_assets(Path(args.assets_dir))
     windows = clm.held_out_windows(teacher, held_out, recipe)
     bench = run / "teacher_cache_runs"
-    online = bench / f"online_{recipe.max_steps}{t_tag}"
-    cached = bench / f"cached_k{args.k}{s_tag}_{recipe.max_steps}{t_tag}"
+    online = bench / f"online_{recipe.max_steps}{tag}"
     print("\n== online", flush=True)
     clm.distil(recipe, data, teacher, student_init, online, bf16)
-    print("\n== from the cache", flush=True)
-    clm.distil(recipe, data, teacher, student_init, cached, bf16, extra=("--teacher_cache", str(cache_dir)))
-    scores = {label: clm.score_model(folder, windows)["perplexity"]
-              for label, folder in (("teacher", teacher), ("extracted", student_init), ("online", online),
-                                    ("cached", cached))}
+    students = {"teacher": teacher, "extracted": student_init, "online": online}
+    for S, folder in caches.items():
+        dump = bench / f"cached_k{args.k}_s{S}_{recipe.max_steps}{tag}"
+        print(f"\n== from the cache, {S} tail samples", flush=True)
+        clm.distil(recipe, data, teacher, student_init, dump, bf16, extra=("--teacher_cache", str(folder)))
+        students[f"cached, k = {args.k}" + (f", {S} tail samples" if S else ", tail bucket only")] = dump
+    scores = {label: clm.score_model(folder, windows)["perplexity"] for label, folder in students.items()}
+    cached_labels = [label for label in scores if label.startswith("cached")]
+    record = {**cpu_description(), "bf16": bf16, "recipe": recipe.__dict__, "train_chapters": args.train_chapters,
+              "cache": cache_record, "perplexity": scores,
+              "perplexity_ratio": {label: {n: scores[label][n] / scores["online"][n] for n in windows}
+                                   for label in cached_labels}}
+    names = list(windows)
+    lines = ["| student | " + " | ".join(clm.HELD_OUT_TITLES.get(n, n) for n in names) + " |",
+             "|---" * (1 + len(names)) + "|"]
+    for label in scores:
+        cells = []
+        for n in names:
+            ratio = "" if label not in cached_labels else f" ({scores[label][n] / scores['online'][n] - 1:+.1%})"
+            cells.append(f"{scores[label][n]:,.2f}{ratio}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nHeld-out perplexity after {recipe.max_steps} steps of {recipe.accumulation} x {recipe.batch_size} x "
+          f"{recipe.max_len} tokens ({'bf16' if bf16 else 'fp32'}), T = {recipe.temperature:g}, ce + clm:\n\n"
+          + "\n".join(lines), flush=True)
+    write_atomic(run / f"teacher_cache{tag}.json", json.dumps(record, indent=2) + "\n")
+    if args.timing_steps < 1:
+        return 0
+    cache_dir = caches[sizes[-1]]
 
     print("\n== step timing, alternating", flush=True)
     base = ["--data_file", str(data), "--student_type", "llama", "--student_pretrained_weights", str(student_init),
@@ -156,23 +224,12 @@ def main(argv=None) -> int:
                         "cached": base + ["--dump_path", str(bench / "t_off"), "--teacher_cache", str(cache_dir)]},
                        args.timing_rounds, args.timing_steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    record = {**cpu_description(), "bf16": bf16, "recipe": recipe.__dict__, "cache": cache_record,
-              "perplexity": scores, "step_seconds": times, "median_step_seconds": med,
-              "speedup": med["online"] / med["cached"],
-              "perplexity_ratio": {n: scores["cached"][n] / scores["online"][n] for n in windows}}
+    record.update(step_seconds=times, median_step_seconds=med, speedup=med["online"] / med["cached"])
     print(json.dumps(record), flush=True)
-    names = list(windows)
-    lines = ["| student | " + " | ".join(clm.HELD_OUT_TITLES.get(n, n) for n in names) + " |",
-             "|---" * (1 + len(names)) + "|"]
-    for label in scores:
-        lines.append(f"| {label} | " + " | ".join(f"{scores[label][n]:,.2f}" for n in names) + " |")
-    print(f"\nHeld-out perplexity after {recipe.max_steps} steps of {recipe.accumulation} x {recipe.batch_size} x "
-          f"{recipe.max_len} tokens ({'bf16' if bf16 else 'fp32'}), ce + clm:\n\n" + "\n".join(lines))
     print(f"\ncache: k = {cache.k}, {cache.tail_samples} tail samples, {cache_record['bytes_per_position']:.0f} "
-          f"bytes a position, written at "
-          f"{cache_record['writing_tokens_per_s']:,.0f} tokens/s; step: online {med['online']:.2f}s, cached "
-          f"{med['cached']:.2f}s ({record['speedup']:.2f}x)")
-    write_atomic(run / f"teacher_cache{s_tag}{t_tag}.json", json.dumps(record, indent=2) + "\n")
+          f"bytes a position, written at {cache_record['writing_tokens_per_s']:,.0f} tokens/s; step: online "
+          f"{med['online']:.2f}s, cached {med['cached']:.2f}s ({record['speedup']:.2f}x)")
+    write_atomic(run / f"teacher_cache{tag}.json", json.dumps(record, indent=2) + "\n")
     return 0
 
 

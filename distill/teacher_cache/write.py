@@ -321,7 +321,8 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
         f"{human_bytes(free)} free on its disk{resuming}")
     if not staging.exists() and free < need:
         raise UserError(f"the cache needs {human_bytes(need)} but only {human_bytes(free)} is free on the disk of "
-                        f"{out.parent}; free some space, or choose a smaller --k, fewer --tail_samples or a 16-bit --logprob_dtype")
+                        f"{out.parent}; free some space, or choose a smaller --k, fewer --tail_samples or a 16-bit "
+                        "--logprob_dtype")
     if not staging.exists():
         staging.mkdir()
         try:
