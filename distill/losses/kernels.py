@@ -34,19 +34,26 @@ class Workspace:
     block costs a page fault per 4 KB on every use; kept here, it costs nothing after the first step.
     A GPU's caching allocator already reuses memory, so there :meth:`get` returns a fresh tensor.
 
+    ``native`` (default True): on the CPU the forward-KL kernel runs as native code
+    (:mod:`distill.losses.native`: three passes over each row, built for this CPU at first use),
+    where it can be built; elsewhere, and with ``native=False`` or ``DISTILL_NATIVE=0``, as eager
+    PyTorch, which makes a pass over the block per operation. The two agree to float32 rounding
+    (``tests/test_native_kernel.py``).
+
     ``compiled=True`` runs the soft-target kernel through ``torch.compile`` when a gradient is wanted
-    (eager PyTorch makes a pass over the block per operation; compiled, it is fused into a few). The
-    first call compiles (seconds; PyTorch caches the result on disk); if compiling fails the eager
-    kernel is used from then on, with a warning.
+    instead (eager PyTorch makes a pass over the block per operation; compiled, it is fused into a
+    few). The first call compiles (seconds; PyTorch caches the result on disk); if compiling fails
+    the eager kernel is used from then on, with a warning.
 
     Owned by the caller: the Distiller keeps one for its run. A :func:`projected_vocab_losses` call
     given none makes its own (eager kernels), freed after its backward; the materialised losses make
     one per call, freed when it returns. Not for use by two threads at once.
     """
 
-    def __init__(self, compiled: bool = False):
+    def __init__(self, compiled: bool = False, native: bool = True):
         self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
         self.compiled_kl: Callable | None = torch.compile(_kl_block_fp32, dynamic=True) if compiled else None
+        self.native = native
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised ``shape`` block, the same memory as the last block of that name and dtype."""
@@ -120,13 +127,20 @@ def kl_rows(a: Tensor, b: Tensor, g_out: Tensor | None, workspace: Workspace,
             colsum: bool = False) -> tuple[Tensor, Tensor | None]:
     """:func:`kl_block` over a chunk (n, V), a few rows at a time on the CPU so that the fp32 working
     blocks stay small (and in cache). Float32 a, b are overwritten; 16-bit ones are copied a block at
-    a time. Runs the workspace's compiled kernel instead when it has one and ``g_out`` is given."""
+    a time. Runs the workspace's compiled kernel instead when it has one and ``g_out`` is given, and
+    otherwise the native one on the CPU where it is built (:class:`Workspace`)."""
     if g_out is not None and workspace.compiled_kl is not None:
         try:
             return workspace.compiled_kl(a, b, g_out)
         except Exception as e:  # no C++ compiler, an unsupported platform, ...
             warnings.warn(f"compiling the fused loss kernel failed ({type(e).__name__}); using eager PyTorch")
             workspace.compiled_kl = None
+    if workspace.native and a.device.type == "cpu":
+        from distill.losses import native
+
+        done = native.kl_rows(a, b, g_out, colsum)
+        if done is not None:
+            return done
     n, V = a.shape
     rows, sums = [], None
     step = KERNEL_ROWS if a.device.type == "cpu" else n  # a GPU wants few, large kernels

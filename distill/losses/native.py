@@ -1,0 +1,157 @@
+"""The soft-target KL block as native code (``csrc/kl_block.c``), built at first use for this CPU.
+
+PyTorch's eager ops make a pass over memory per operation, and the KL block needs about twenty
+(:func:`distill.losses.kernels.kl_block`). The C kernel makes three passes over each row, which
+stays in the core's cache meanwhile, with a vectorised exponential. It is compiled once per machine
+with the C compiler (``cc``, ``gcc`` or ``clang``) and ``-march=native`` into
+``~/.cache/distill/native`` (``DISTILL_NATIVE_CACHE`` moves it), keyed by the source, the compiler
+and the CPU's flags, and loaded with ctypes: no PyTorch headers, a build in about a second.
+
+:func:`kl_rows` returns None when the kernel cannot be used here (no compiler, a build error, not
+x86-64 or ARM Linux/macOS, ``DISTILL_NATIVE=0``); callers then run the eager kernel. Row ranges run
+in parallel on ``torch.get_num_threads()`` threads (ctypes releases the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "kl_block.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    cache = Path(os.environ.get("DISTILL_NATIVE_CACHE", Path.home() / ".cache" / "distill" / "native"))
+    lib = cache / f"kl_block_{key.hexdigest()[:16]}.so"
+    if not lib.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, renamed into place
+            out = Path(tmp) / lib.name
+            r = subprocess.run([cc, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"{Path(cc).name} failed: {r.stderr.strip()[-300:]}")
+            os.replace(out, lib)
+    dll = ctypes.CDLL(str(lib))
+    f = dll.distill_kl_rows
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    return dll
+
+
+def available() -> bool:
+    """Whether the native kernel is built (building it on the first call)."""
+    global _lib, _tried, _error
+    if _tried:
+        return _lib is not None
+    with _lock:
+        if not _tried:
+            if os.environ.get("DISTILL_NATIVE", "1") == "0":
+                _error = "DISTILL_NATIVE=0"
+            elif platform.system() not in ("Linux", "Darwin") or platform.machine() not in (
+                    "x86_64", "AMD64", "aarch64", "arm64"):
+                _error = f"not built for {platform.system()} {platform.machine()}"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as e:  # no compiler, a build error, a sandbox without a writable home, ...
+                    _error = f"{type(e).__name__}: {e}"
+            _tried = True
+    return _lib is not None
+
+
+def unavailable_reason() -> str | None:
+    available()
+    return _error
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="distill-kl"), threads
+    return _pool
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def kl_rows(a: Tensor, b: Tensor, g_out: Tensor | None, colsum: bool = False,
+            threads: int | None = None) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`distill.losses.kernels.kl_rows` (rows of KL(softmax(b) || softmax(a)); into ``g_out``
+    softmax(a) - softmax(b); with ``colsum`` its column sums) in native code, for CPU blocks a, b
+    (n, V) in fp32 or bf16 and ``g_out`` in fp32 or bf16. Leaves a and b untouched. None when the
+    kernel is not available or the inputs are not of that kind (the caller runs the eager kernel)."""
+    if a.device.type != "cpu" or not available():
+        return None
+    kinds = (torch.float32, torch.bfloat16)
+    if a.dim() != 2 or a.dtype not in kinds or b.dtype != a.dtype or b.shape != a.shape:
+        return None
+    if g_out is not None and (g_out.dtype not in kinds or g_out.shape != a.shape or not g_out.is_contiguous()):
+        return None
+    a, b = a.contiguous(), b.contiguous()
+    n, V = a.shape
+    rows = torch.empty(n, dtype=torch.float32)
+    threads = max(1, min(threads or torch.get_num_threads(), n))
+    sums = torch.zeros(threads, V, dtype=torch.float32) if colsum and g_out is not None else None
+    scratch = torch.empty(threads, 2 * V, dtype=torch.float32)
+    if n == 0:
+        return rows, (torch.zeros(V, dtype=torch.float32) if sums is not None else None)
+    in_bf16 = int(a.dtype == torch.bfloat16)
+    g_bf16 = int(g_out is not None and g_out.dtype == torch.bfloat16)
+    f = _lib.distill_kl_rows
+    bounds = [(n * i) // threads for i in range(threads + 1)]
+
+    def run(i: int) -> None:
+        f(a.data_ptr(), b.data_ptr(), in_bf16, _ptr(g_out), g_bf16, rows.data_ptr(),
+          None if sums is None else sums[i].data_ptr(), scratch[i].data_ptr(), bounds[i], bounds[i + 1], V)
+
+    if threads == 1:
+        run(0)
+    else:
+        list(_executor(threads).map(run, range(threads)))
+    if sums is None:
+        return rows, None
+    return rows, (sums[0] if threads == 1 else sums.sum(0))
