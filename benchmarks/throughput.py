@@ -72,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the teacher (models), or both (all)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--restrict_ce_to_mask", action="store_true", help="TrainConfig.restrict_ce_to_mask")
-    p.add_argument("--corpus", default=None, help="text file, one document per line (default: the KJV Bible)")
+    p.add_argument("--corpus", default=None,
+                   help="text file, one document per line (default: the KJV Bible); 'vim': Vim's own documentation "
+                        "(/usr/share/vim/vim*/doc), one paragraph a line, the corpus issue 19 was measured on")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default: the packaged all-MiniLM-L6-v2's BERT uncased WordPiece)")
     p.add_argument("--corpus_mult", type=int, default=1, help="repeat the corpus this many times (data-path checks)")
@@ -81,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "examples are --seq_len long (0: one document per line)")
     p.add_argument("--data", default=None, help="an existing binarized dataset folder (skips corpus and binarizing)")
     p.add_argument("--work_dir", default=str(ROOT / "runs" / "bench"), help="cache of the corpus and its binarization")
-    p.add_argument("--matmul_size", type=int, default=None, help="n of the n^3 peak matmul (default: 2048 CPU, 8192 GPU)")
+    p.add_argument("--matmul_size", type=int, default=None,
+                   help="n of the n^3 peak matmul (default: 2048 CPU, 8192 GPU)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timed steps, profile N more steps with torch.profiler and print the top "
                         "operators to stderr")
@@ -108,12 +111,40 @@ def packaged_tokenizer() -> Path:
     return minilm_teacher_dir()
 
 
+def vim_paragraphs(out: Path) -> Path:
+    """Vim's documentation (Debian's vim-runtime), one paragraph a line: its help files' lines joined
+    up to each blank line, whitespace collapsed."""
+    if out.is_file():
+        return out
+    import glob
+
+    files = sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt"))
+    if not files:
+        raise SystemExit("--corpus vim: no Vim documentation under /usr/share/vim/vim*/doc (apt-get install "
+                         "vim-runtime)")
+    paragraphs = []
+    for name in files:
+        cur: list[str] = []
+        for line in Path(name).read_text(encoding="utf-8", errors="replace").splitlines() + [""]:
+            if line.strip():
+                cur.append(" ".join(line.split()))
+            elif cur:
+                paragraphs.append(" ".join(cur))
+                cur = []
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(paragraphs) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
 def prepare_corpus(args, work: Path) -> Path:
     """The corpus as binarized: the source repeated --corpus_mult times, lines packed into documents."""
     if args.corpus is None:
         from distill.demo.assets import kjv_corpus
 
         src = kjv_corpus(work / "kjv.txt")
+    elif args.corpus == "vim":
+        src = vim_paragraphs(work / "vim_paragraphs.txt")
     else:
         src = Path(args.corpus)
     out = work / f"{src.stem}_x{args.corpus_mult}_p{args.pack_chars}.txt"
@@ -467,12 +498,35 @@ def run(args) -> dict:
         "setup_s": round(setup_s, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_description(),
+        "loss_kernel": loss_kernel(),
     }
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
         out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the ISA flags that decide its matmul peaks."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
+    return {"cpu": model, "isa": isa, "cores": os.cpu_count()}
+
+
+def loss_kernel() -> str:
+    """Which forward-KL block kernel the run used (distill.losses.native, or eager PyTorch and why)."""
+    from distill.losses import native
+
+    return "native" if native.available() else f"eager ({native.unavailable_reason()})"
 
 
 def main(argv=None) -> int:

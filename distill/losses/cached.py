@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.divergences import FORWARD_KL, Divergence
-from distill.losses.kernels import KERNEL_ROWS, Workspace
+from distill.losses.kernels import KERNEL_ROWS, LOGIT_FLOOR, Workspace
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -191,11 +191,70 @@ def _tail_term(lq_tail: Tensor, lp_tail: Tensor, lp_drawn: Tensor, entropy: Tens
     return torch.where(q_tail > 0, q_tail * (xent - entropy.float()), 0.0)
 
 
+def cached_block_native(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | None,
+                        colsum: bool = False) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`cached_block` with the student's softmax in native code (:mod:`distill.losses.native`):
+    one pass for its maximum, one for its sums over the vocabulary and over the tail, one writing the
+    tail tokens' gradient ``alpha_r p_v``; the k cached tokens and the S drawn ones are then set
+    from (n, k) and (n, S) tensors. None when the native kernel cannot run (the caller runs
+    :func:`cached_block`)."""
+    from distill.losses import native
+
+    if g_out is not None and not (g_out.is_contiguous() and g_out.shape == a.shape):
+        return None
+    stats = native.softmax_stats(a, t.ids)
+    if stats is None:
+        return None
+    lse, lse_tail = stats
+    V, k = a.shape[1], t.k
+
+    def log_p(ids: Tensor) -> Tensor:  # the student's log-probabilities at ids, floored as the kernel floors
+        return a.gather(1, ids).float().clamp_min_(LOGIT_FLOOR).sub_(lse.unsqueeze(1))
+
+    lp_top = log_p(t.ids)
+    sampled = _sampled_tail(div, t, V)
+    lp_drawn = log_p(t.samples) if sampled else None
+    if k < V:  # as cached_block: at least the smallest normal float's log
+        lp_tail = (lse_tail - lse).clamp_min_(math.log(_TINY))
+    else:
+        lp_tail = lp_top.new_full((lp_top.shape[0],), -math.inf)
+    LP = torch.cat([lp_top, lp_tail.unsqueeze(1)], 1)
+    LQ = _buckets(t.logprobs, t.tail)
+    row, ph = bucket_divergence(div, LQ, LP)
+    if sampled:
+        row = row + _tail_term(LQ[:, k], lp_tail, lp_drawn, t.entropy)
+    if g_out is None:
+        return row, None
+    P = LP.exp()
+    if sampled:  # p - q_hat: p on the tail, P_j - Q_j on the cached tokens, p_v - Q_tail n_v / S on the drawn
+        alpha = torch.ones_like(lse)
+        top = P[:, :k] - LQ[:, :k].exp()
+        drawn = t.samples
+        counts = (drawn.unsqueeze(2) == drawn.unsqueeze(1)).sum(-1)  # (n, S): each draw's multiplicity
+        drawn_g = lp_drawn.exp() - LQ[:, k:].exp() * counts / t.num_samples
+    else:
+        c = ph.sum(-1, keepdim=True)
+        P_tail = P[:, k]
+        h_tail = torch.where(P_tail > 0, ph[:, k] / P_tail.clamp_min(_TINY), 0.0)
+        alpha = h_tail - c.squeeze(1)
+        top = ph[:, :k] - P[:, :k] * c
+    if not native.scaled_exp(a, lse, alpha, g_out):
+        return None
+    g_out.scatter_(1, t.ids, top.to(g_out.dtype))
+    if sampled:
+        g_out.scatter_(1, drawn, drawn_g.to(g_out.dtype))  # a token drawn twice gets the same value twice
+    return row, (g_out.float().sum(0) if colsum else None)
+
+
 def cached_rows(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | None, workspace: Workspace,
                 colsum: bool = False) -> tuple[Tensor, Tensor | None]:
-    """:func:`cached_block` over a chunk (n, V), a few rows at a time on the CPU (their fp32 blocks
-    stay in cache)."""
+    """:func:`cached_block` over a chunk (n, V): on the CPU in native code when the workspace allows
+    it (:func:`cached_block_native`), else a few rows at a time (their fp32 blocks stay in cache)."""
     n = a.shape[0]
+    if workspace.native and a.device.type == "cpu" and n:
+        done = cached_block_native(div, a, t, g_out, colsum)
+        if done is not None:
+            return done
     step = KERNEL_ROWS if a.device.type == "cpu" else max(n, 1)
     rows, sums = [], None
     for r in range(0, n, step):

@@ -72,10 +72,12 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{Path(cc).name} failed: {r.stderr.strip()[-300:]}")
             os.replace(out, lib)
     dll = ctypes.CDLL(str(lib))
-    f = dll.distill_kl_rows
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    P, C, N = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    for name, args in (("distill_kl_rows", [P, P, C, P, C, P, P, P, N, N, N]),
+                       ("distill_softmax_stats_rows", [P, C, P, N, P, P, P, N, N, N]),
+                       ("distill_scaled_exp_rows", [P, C, P, P, P, C, N, N, N])):
+        f = getattr(dll, name)
+        f.restype, f.argtypes = None, args
     return dll
 
 
@@ -118,40 +120,100 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _in_parallel(n: int, threads: int, run) -> None:
+    """``run(i, r0, r1)`` over ``threads`` contiguous row ranges of n rows."""
+    bounds = [(n * i) // threads for i in range(threads + 1)]
+    if threads == 1:
+        run(0, 0, n)
+    else:
+        list(_executor(threads).map(lambda i: run(i, bounds[i], bounds[i + 1]), range(threads)))
+
+
+def _threads(n: int, threads: int | None) -> int:
+    return max(1, min(threads or torch.get_num_threads(), n))
+
+
+_KINDS = (torch.float32, torch.bfloat16)
+
+
+def _usable(a: Tensor) -> bool:
+    return a.device.type == "cpu" and a.dim() == 2 and a.dtype in _KINDS and available()
+
+
+def _g_usable(g_out: Tensor | None, shape: torch.Size) -> bool:
+    return g_out is None or (g_out.device.type == "cpu" and g_out.dtype in _KINDS and g_out.shape == shape
+                             and g_out.is_contiguous())
+
+
 def kl_rows(a: Tensor, b: Tensor, g_out: Tensor | None, colsum: bool = False,
             threads: int | None = None) -> tuple[Tensor, Tensor | None] | None:
     """:func:`distill.losses.kernels.kl_rows` (rows of KL(softmax(b) || softmax(a)); into ``g_out``
     softmax(a) - softmax(b); with ``colsum`` its column sums) in native code, for CPU blocks a, b
     (n, V) in fp32 or bf16 and ``g_out`` in fp32 or bf16. Leaves a and b untouched. None when the
     kernel is not available or the inputs are not of that kind (the caller runs the eager kernel)."""
-    if a.device.type != "cpu" or not available():
-        return None
-    kinds = (torch.float32, torch.bfloat16)
-    if a.dim() != 2 or a.dtype not in kinds or b.dtype != a.dtype or b.shape != a.shape:
-        return None
-    if g_out is not None and (g_out.dtype not in kinds or g_out.shape != a.shape or not g_out.is_contiguous()):
+    if not _usable(a) or b.dtype != a.dtype or b.shape != a.shape or not _g_usable(g_out, a.shape):
         return None
     a, b = a.contiguous(), b.contiguous()
     n, V = a.shape
     rows = torch.empty(n, dtype=torch.float32)
-    threads = max(1, min(threads or torch.get_num_threads(), n))
+    threads = _threads(n, threads)
     sums = torch.zeros(threads, V, dtype=torch.float32) if colsum and g_out is not None else None
-    scratch = torch.empty(threads, 2 * V, dtype=torch.float32)
     if n == 0:
         return rows, (torch.zeros(V, dtype=torch.float32) if sums is not None else None)
+    scratch = torch.empty(threads, 2 * V, dtype=torch.float32)
     in_bf16 = int(a.dtype == torch.bfloat16)
     g_bf16 = int(g_out is not None and g_out.dtype == torch.bfloat16)
     f = _lib.distill_kl_rows
-    bounds = [(n * i) // threads for i in range(threads + 1)]
 
-    def run(i: int) -> None:
+    def run(i: int, r0: int, r1: int) -> None:
         f(a.data_ptr(), b.data_ptr(), in_bf16, _ptr(g_out), g_bf16, rows.data_ptr(),
-          None if sums is None else sums[i].data_ptr(), scratch[i].data_ptr(), bounds[i], bounds[i + 1], V)
+          None if sums is None else sums[i].data_ptr(), scratch[i].data_ptr(), r0, r1, V)
 
-    if threads == 1:
-        run(0)
-    else:
-        list(_executor(threads).map(run, range(threads)))
+    _in_parallel(n, threads, run)
     if sums is None:
         return rows, None
     return rows, (sums[0] if threads == 1 else sums.sum(0))
+
+
+def softmax_stats(a: Tensor, ids: Tensor, threads: int | None = None) -> tuple[Tensor, Tensor] | None:
+    """For CPU logits a (n, V), fp32 or bf16, floored as the kernels floor them, and distinct token ids
+    (n, k) per row: (log sum_v exp a_v, log of the same sum over the tokens not in ``ids``), float32
+    (n,) each; -inf for an empty tail. None when the kernel cannot run here."""
+    if not _usable(a) or ids.dim() != 2 or ids.shape[0] != a.shape[0]:
+        return None
+    a, ids = a.contiguous(), ids.to(torch.int64).contiguous()
+    n, V = a.shape
+    lse, lse_tail = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    if n == 0:
+        return lse, lse_tail
+    threads = _threads(n, threads)
+    scratch = torch.ones(threads, V, dtype=torch.float32)
+    in_bf16, k = int(a.dtype == torch.bfloat16), ids.shape[1]
+    f = _lib.distill_softmax_stats_rows
+
+    def run(i: int, r0: int, r1: int) -> None:
+        f(a.data_ptr(), in_bf16, ids.data_ptr(), k, lse.data_ptr(), lse_tail.data_ptr(), scratch[i].data_ptr(),
+          r0, r1, V)
+
+    _in_parallel(n, threads, run)
+    return lse, lse_tail
+
+
+def scaled_exp(a: Tensor, shift: Tensor, alpha: Tensor, g_out: Tensor, threads: int | None = None) -> bool:
+    """``g_out = alpha[:, None] * exp(a - shift[:, None])`` for CPU logits a (n, V) (floored), with
+    ``shift`` at least each row's maximum (its log-sum-exp, say). False when the kernel cannot run."""
+    if not _usable(a) or not _g_usable(g_out, a.shape):
+        return False
+    a = a.contiguous()
+    shift, alpha = shift.float().contiguous(), alpha.float().contiguous()
+    n, V = a.shape
+    if n == 0:
+        return True
+    in_bf16, g_bf16 = int(a.dtype == torch.bfloat16), int(g_out.dtype == torch.bfloat16)
+    f = _lib.distill_scaled_exp_rows
+
+    def run(i: int, r0: int, r1: int) -> None:
+        f(a.data_ptr(), in_bf16, shift.data_ptr(), alpha.data_ptr(), g_out.data_ptr(), g_bf16, r0, r1, V)
+
+    _in_parallel(n, _threads(n, threads), run)
+    return True

@@ -130,3 +130,86 @@ void distill_kl_rows(const void *a, const void *b, int in_bf16, void *g, int g_b
         }
     }
 }
+
+/* The student's side of the cached soft targets (distill.losses.cached), rows [r0, r1):
+ * lse[r] = log sum_v exp(a[r, v]) and lse_tail[r] = log sum_{v not in ids[r]} exp(a[r, v]), the tail's
+ * own sum (1 - the top's would cancel when the top k hold nearly all the mass). ids: (n, k) int64
+ * of distinct tokens. scratch: V floats, all 1 on entry and on return (the mask of the tail). */
+void distill_softmax_stats_rows(const void *a, int in_bf16, const int64_t *ids, int64_t k, float *lse,
+                                float *lse_tail, float *scratch, int64_t r0, int64_t r1, int64_t V) {
+    float *keep = scratch;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *af = in_bf16 ? NULL : (const float *)a + r * V;
+        const uint16_t *ah = in_bf16 ? (const uint16_t *)a + r * V : NULL;
+        const int64_t *ir = ids + r * k;
+        float m = FLOOR;
+        if (in_bf16) {
+#pragma omp simd reduction(max : m)
+            for (int64_t v = 0; v < V; v++) {
+                float x = floored(bf16_to_float(ah[v]));
+                m = x > m ? x : m;
+            }
+        } else {
+#pragma omp simd reduction(max : m)
+            for (int64_t v = 0; v < V; v++) {
+                float x = floored(af[v]);
+                m = x > m ? x : m;
+            }
+        }
+        for (int64_t j = 0; j < k; j++)
+            keep[ir[j]] = 0.0f;
+        float z = 0.0f, zt = 0.0f;
+        if (in_bf16) {
+#pragma omp simd reduction(+ : z, zt)
+            for (int64_t v = 0; v < V; v++) {
+                float e = exp_nonpositive(floored(bf16_to_float(ah[v])) - m);
+                z += e;
+                zt += keep[v] * e;
+            }
+        } else {
+#pragma omp simd reduction(+ : z, zt)
+            for (int64_t v = 0; v < V; v++) {
+                float e = exp_nonpositive(floored(af[v]) - m);
+                z += e;
+                zt += keep[v] * e;
+            }
+        }
+        for (int64_t j = 0; j < k; j++)
+            keep[ir[j]] = 1.0f;
+        lse[r] = m + logf(z);
+        lse_tail[r] = zt > 0.0f ? m + logf(zt) : -INFINITY;
+    }
+}
+
+/* g[r, v] = alpha[r] * exp(a[r, v] - shift[r]) for rows [r0, r1), into fp32 or bf16 g. */
+void distill_scaled_exp_rows(const void *a, int in_bf16, const float *shift, const float *alpha, void *g, int g_bf16,
+                             int64_t r0, int64_t r1, int64_t V) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float s = shift[r], c = alpha[r];
+        if (in_bf16 && g_bf16) {
+            const uint16_t *ah = (const uint16_t *)a + r * V;
+            uint16_t *gr = (uint16_t *)g + r * V;
+#pragma omp simd
+            for (int64_t v = 0; v < V; v++)
+                gr[v] = float_to_bf16(c * exp_nonpositive(floored(bf16_to_float(ah[v])) - s));
+        } else if (in_bf16) {
+            const uint16_t *ah = (const uint16_t *)a + r * V;
+            float *gr = (float *)g + r * V;
+#pragma omp simd
+            for (int64_t v = 0; v < V; v++)
+                gr[v] = c * exp_nonpositive(floored(bf16_to_float(ah[v])) - s);
+        } else if (g_bf16) {
+            const float *af = (const float *)a + r * V;
+            uint16_t *gr = (uint16_t *)g + r * V;
+#pragma omp simd
+            for (int64_t v = 0; v < V; v++)
+                gr[v] = float_to_bf16(c * exp_nonpositive(floored(af[v]) - s));
+        } else {
+            const float *af = (const float *)a + r * V;
+            float *gr = (float *)g + r * V;
+#pragma omp simd
+            for (int64_t v = 0; v < V; v++)
+                gr[v] = c * exp_nonpositive(floored(af[v]) - s);
+        }
+    }
+}
