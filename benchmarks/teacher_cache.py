@@ -141,6 +141,8 @@ def main(argv=None) -> int:
                    help="the soft-target temperature of both runs (default: the recipe's, 2)")
     p.add_argument("--timing_rounds", type=int, default=3)
     p.add_argument("--timing_steps", type=int, default=3, help="timed steps per set-up and round (0: no timing)")
+    p.add_argument("--timing_only", action="store_true",
+                   help="only the step timing (on the cache and data of an earlier run with the same flags)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     args = p.parse_args(argv)
     run, bf16 = Path(args.run_dir), use_bf16(args.bf16)
@@ -178,9 +180,14 @@ def main(argv=None) -> int:
     if any(S not in (0, cache.tail_samples) for S in sizes):
         raise SystemExit("--tail_samples: only 0 and one other value are compared in a run")
 
+    bench = run / "teacher_cache_runs"
+    record = {**cpu_description(), "bf16": bf16, "recipe": recipe.__dict__, "train_chapters": args.train_chapters,
+              "cache": cache_record}
+    if args.timing_only:
+        return timing(args, recipe, bf16, data, teacher, student_init, caches[sizes[-1]], bench, record, cache,
+                      run / f"teacher_cache{tag}_timing.json")
     (_, _, _, held_out), _ = clm.get_assets(Path(args.assets_dir))
     windows = clm.held_out_windows(teacher, held_out, recipe)
-    bench = run / "teacher_cache_runs"
     online = bench / f"online_{recipe.max_steps}{tag}"
     print("\n== online", flush=True)
     clm.distil(recipe, data, teacher, student_init, online, bf16)
@@ -192,10 +199,8 @@ def main(argv=None) -> int:
         students[f"cached, k = {args.k}" + (f", {S} tail samples" if S else ", tail bucket only")] = dump
     scores = {label: clm.score_model(folder, windows)["perplexity"] for label, folder in students.items()}
     cached_labels = [label for label in scores if label.startswith("cached")]
-    record = {**cpu_description(), "bf16": bf16, "recipe": recipe.__dict__, "train_chapters": args.train_chapters,
-              "cache": cache_record, "perplexity": scores,
-              "perplexity_ratio": {label: {n: scores[label][n] / scores["online"][n] for n in windows}
-                                   for label in cached_labels}}
+    record.update(perplexity=scores, perplexity_ratio={label: {n: scores[label][n] / scores["online"][n]
+                                                               for n in windows} for label in cached_labels})
     names = list(windows)
     lines = ["| student | " + " | ".join(clm.HELD_OUT_TITLES.get(n, n) for n in names) + " |",
              "|---" * (1 + len(names)) + "|"]
@@ -211,8 +216,16 @@ def main(argv=None) -> int:
     write_atomic(run / f"teacher_cache{tag}.json", json.dumps(record, indent=2) + "\n")
     if args.timing_steps < 1:
         return 0
-    cache_dir = caches[sizes[-1]]
+    return timing(args, recipe, bf16, data, teacher, student_init, caches[sizes[-1]], bench, record, cache,
+                  run / f"teacher_cache{tag}.json")
 
+
+def timing(args, recipe, bf16: bool, data: Path, teacher: Path, student_init: Path, cache_dir: Path, bench: Path,
+           record: dict, cache: TeacherCache, out: Path) -> int:
+    """Step 5 of the module docstring; adds the timing to ``record`` and writes it to ``out``."""
+    from distill.losses import native
+
+    record["loss_kernel"] = "native" if native.available() else f"eager ({native.unavailable_reason()})"
     print("\n== step timing, alternating", flush=True)
     base = ["--data_file", str(data), "--student_type", "llama", "--student_pretrained_weights", str(student_init),
             "--alpha_ce", str(recipe.alpha_ce), "--alpha_clm", str(recipe.alpha_clm), "--alpha_cos", "0",
@@ -226,10 +239,11 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     record.update(step_seconds=times, median_step_seconds=med, speedup=med["online"] / med["cached"])
     print(json.dumps(record), flush=True)
-    print(f"\ncache: k = {cache.k}, {cache.tail_samples} tail samples, {cache_record['bytes_per_position']:.0f} "
-          f"bytes a position, written at {cache_record['writing_tokens_per_s']:,.0f} tokens/s; step: online "
+    c = record["cache"]
+    print(f"\ncache: k = {cache.k}, {cache.tail_samples} tail samples, {c['bytes_per_position']:.0f} "
+          f"bytes a position, written at {c['writing_tokens_per_s']:,.0f} tokens/s; step: online "
           f"{med['online']:.2f}s, cached {med['cached']:.2f}s ({record['speedup']:.2f}x)")
-    write_atomic(run / f"teacher_cache{tag}.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(out, json.dumps(record, indent=2) + "\n")
     return 0
 
 
