@@ -135,6 +135,18 @@ def bucket_divergence(div: Divergence, lq: Tensor, lp: Tensor) -> tuple[Tensor, 
     return row, ph
 
 
+def _bucket_rows(div: Divergence, t: CachedTargets, lp_top: Tensor, lp_tail: Tensor,
+                 lp_drawn: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The student's and teacher's k + 1 log-masses, the rows of the divergence (with the tail samples'
+    term when ``lp_drawn`` is given) and ``P_j h_j``: what both block kernels share."""
+    LP = torch.cat([lp_top, lp_tail.unsqueeze(1)], 1)  # (n, k + 1)
+    LQ = _buckets(t.logprobs, t.tail)
+    row, ph = bucket_divergence(div, LQ, LP)
+    if lp_drawn is not None:
+        row = row + _tail_term(LQ[:, t.k], lp_tail, lp_drawn, t.entropy)
+    return LP, LQ, row, ph
+
+
 def cached_block(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | None,
                  colsum: bool = False) -> tuple[Tensor, Tensor | None]:
     """Rows of the bucketed divergence for temperature-scaled student logits ``a`` (n, V) and the
@@ -152,11 +164,7 @@ def cached_block(div: Divergence, a: Tensor, t: CachedTargets, g_out: Tensor | N
         lp_tail = p.sum(-1).clamp_min_(_TINY).log_()
     else:
         lp_tail = lp_top.new_full((lp_top.shape[0],), -math.inf)
-    LP = torch.cat([lp_top, lp_tail.unsqueeze(1)], 1)  # (n, k + 1)
-    LQ = _buckets(t.logprobs, t.tail)
-    row, ph = bucket_divergence(div, LQ, LP)
-    if sampled:
-        row = row + _tail_term(LQ[:, k], lp_tail, lp_drawn, t.entropy)
+    LP, LQ, row, ph = _bucket_rows(div, t, lp_top, lp_tail, lp_drawn)
     if g_out is None:
         return row, None
     P = LP.exp()
@@ -218,11 +226,7 @@ def cached_block_native(div: Divergence, a: Tensor, t: CachedTargets, g_out: Ten
         lp_tail = (lse_tail - lse).clamp_min_(math.log(_TINY))
     else:
         lp_tail = lp_top.new_full((lp_top.shape[0],), -math.inf)
-    LP = torch.cat([lp_top, lp_tail.unsqueeze(1)], 1)
-    LQ = _buckets(t.logprobs, t.tail)
-    row, ph = bucket_divergence(div, LQ, LP)
-    if sampled:
-        row = row + _tail_term(LQ[:, k], lp_tail, lp_drawn, t.entropy)
+    LP, LQ, row, ph = _bucket_rows(div, t, lp_top, lp_tail, lp_drawn)
     if g_out is None:
         return row, None
     P = LP.exp()
