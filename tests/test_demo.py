@@ -68,6 +68,10 @@ def test_quick_demo_resumes_reports_and_reuses(tmp_path, capsys):
     assert {p["recipe"] for p in sweep["timed"]} == {"two_stage", "self_distill"}
     assert "## Early exit on the fine-tuned teacher" in md and "**At equal speed (batch 32):**" in md
     assert (run / "early_exit_quick" / "early_exit.safetensors").is_file()
+    from distill.early_exit import model as EM
+
+    assert sweep["num_layers"] == 6
+    assert EM.load_early_exit(run / "early_exit_quick").settings.exit_layers == [1, 2, 3, 4, 5]
     metrics = [json.loads(x) for x in (run / "student_quick" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [10, 20, 30]
     assert (assets / "kjv.txt").stat().st_size > 4_000_000

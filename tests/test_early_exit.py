@@ -424,6 +424,7 @@ def test_a_regression_task_trains_with_patience(world, tmp_path):
 
 @pytest.mark.real
 @pytest.mark.slow
+@pytest.mark.heavy  # test_demo runs the early-exit stage on the real fine-tuned teacher
 def test_the_whole_command_on_a_slice_of_the_demo_task(real_bert_dir, tmp_path):
     """all-MiniLM-L6-v2 (6 layers) on 600/200 movie-review snippets: stage 1, both stage-2 recipes, the sweep."""
     import importlib.util

@@ -189,6 +189,7 @@ def _austen_task(dest: Path, cache: Path) -> Path:
 
 @pytest.mark.real
 @pytest.mark.slow
+@pytest.mark.heavy  # test_demo runs the pipeline on a real teacher; the tiny test, over two seeds
 def test_distill_pipeline_on_an_austen_task(tmp_path, capsys):
     import subprocess
     import sys
