@@ -110,12 +110,12 @@ def bucket_view(cache_dir: Path, view: Path) -> Path:
     return view
 
 
-def subset_data(run: Path, chapters: int, teacher: Path) -> Path:
+def subset_data(run: Path, chapters: int, teacher: Path, assets_dir: Path) -> Path:
     """The first ``chapters`` chapters of the demo's corpus, binarized with the teacher's tokenizer."""
     data = run / f"data_ch{chapters}"
     if (data / "meta.json").is_file():
         return data
-    (_, _, corpus, _), _ = clm.get_assets(Path("assets"))
+    (_, _, corpus, _), _ = clm.get_assets(assets_dir)
     lines = corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:chapters]
     text = run / f"corpus_ch{chapters}.txt"
     write_atomic(text, "".join(lines))
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             recipe = replace(recipe, **{field: value})
     teacher, data, student_init = run / "teacher", run / "data", run / "student_init"
     if args.train_chapters is not None:
-        data = subset_data(run, args.train_chapters, teacher)
+        data = subset_data(run, args.train_chapters, teacher, Path(args.assets_dir))
     sizes = sorted({int(x) for x in args.tail_samples.split(",")})
     tag = (f"_t{recipe.temperature:g}" if recipe.temperature != clm.FULL.temperature else "") + \
         (f"_ch{args.train_chapters}" if args.train_chapters is not None else "") + \
