@@ -5,12 +5,12 @@
 
 1. Runs `python -m distill.demo.clm --quick` for its teacher, data and extracted student (reused).
 2. Caches the teacher (SmolLM2-135M) over the demo's whole binarized corpus (or its first
-   `--train_chapters`) at k = 64, with 16 tail samples, at the recipe's temperature
-   (`scripts/cache_teacher.py`; reused when it exists), and reports bytes per position and the
-   writing speed in tokens/s.
+   `--train_chapters`) at k = 64, with 50 tail samples and q8 log-probabilities (the defaults), at
+   the recipe's temperature (`scripts/cache_teacher.py`; reused when it exists), and reports bytes
+   per position and the writing speed in tokens/s.
 3. Distils the extracted student with the recipe's flags and seed, for the same steps: online (the
    teacher's full vocabulary, every step), and from the cache once per `--tail_samples` value (by
-   default 0, the top k and the tail bucket alone, read from the same files, and 16). All use
+   default 0, the top k and the tail bucket alone, read from the same files, and 50). All use
    ce + clm: the recipe's cosine loss needs the teacher's hidden states, which a cache does not
    hold, so it is off in every run.
 4. Scores the students, the teacher and the extracted student on the demo's held-out windows.
@@ -134,8 +134,10 @@ def main(argv=None) -> int:
     p.add_argument("--train_chapters", type=int, default=None,
                    help="train (and cache) on the corpus's first N chapters only, where the whole corpus is too slow")
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--tail_samples", default="0,16",
-                   help="comma-separated: a cached run per value, from one cache with the largest (default: 0,16; "
+    p.add_argument("--logprob_dtype", default=None,
+                   help="the cache's stored log-probabilities (default: the cache's, q8 with tail samples)")
+    p.add_argument("--tail_samples", default="0,50",
+                   help="comma-separated: a cached run per value, from one cache with the largest (default: 0,50; "
                         "0 is the top k and the tail bucket alone)")
     p.add_argument("--temperature", type=float, default=None,
                    help="the soft-target temperature of both runs (default: the recipe's, 2)")
@@ -159,16 +161,19 @@ def main(argv=None) -> int:
     sizes = sorted({int(x) for x in args.tail_samples.split(",")})
     tag = (f"_t{recipe.temperature:g}" if recipe.temperature != clm.FULL.temperature else "") + \
         (f"_ch{args.train_chapters}" if args.train_chapters is not None else "") + \
-        (f"_b{recipe.accumulation}x{recipe.batch_size}" if (recipe.batch_size, recipe.accumulation) != (8, 2) else "")
+        (f"_b{recipe.accumulation}x{recipe.batch_size}"
+         if (recipe.batch_size, recipe.accumulation) != (8, 2) else "") + \
+        (f"_{args.logprob_dtype}" if args.logprob_dtype is not None else "")
     cache_dir = run / f"teacher_cache_k{args.k}_s{sizes[-1]}{tag}"
     if not (cache_dir / "meta.json").is_file():
         print(f"\n== caching the teacher into {cache_dir}", flush=True)
         cache_teacher(teacher_type="llama", teacher_name=str(teacher), data_file=str(data), out=cache_dir,
                       k=args.k, temperature=recipe.temperature, max_model_input_size=recipe.max_len, bf16=bf16,
-                      tail_samples=sizes[-1])
+                      tail_samples=sizes[-1], logprob_dtype=args.logprob_dtype)
     cache = TeacherCache(cache_dir)
     du = sum(f.stat().st_blocks * 512 for f in cache_dir.rglob("*") if f.is_file())
-    cache_record = {"k": cache.k, "tail_samples": cache.tail_samples, "positions": cache.positions,
+    cache_record = {"k": cache.k, "tail_samples": cache.tail_samples, "logprob_dtype": cache.logprob_dtype,
+                    "positions": cache.positions,
                     "bytes": cache.meta["bytes"],
                     "bytes_per_position": cache.meta["bytes"] / cache.positions, "disk_usage_bytes": du,
                     "writing_tokens_per_s": cache.meta["last_run"]["tokens_per_s"],

@@ -42,6 +42,7 @@ from distill import models as M  # noqa: E402
 from distill.data.dataset import LMSeqsDataset  # noqa: E402
 from distill.hf import quiet_transformers  # noqa: E402
 from distill.losses.cached import CachedTargets  # noqa: E402
+from distill.teacher_cache import store  # noqa: E402
 from distill.teacher_cache.write import top_k_rows  # noqa: E402
 
 
@@ -74,9 +75,21 @@ def pad(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, attn
 
 
-def cached_targets(teacher_rows: torch.Tensor, k: int, T: float, samples: int, seed: int) -> CachedTargets:
+def cached_targets(teacher_rows: torch.Tensor, k: int, T: float, samples: int, seed: int,
+                   logprob_dtype: str = "fp32") -> CachedTargets:
+    """The rows a cache would hold, with its log-probabilities rounded as ``logprob_dtype`` stores them."""
     rows = top_k_rows(teacher_rows, k, T, samples, torch.Generator().manual_seed(seed))
+    stored = store.decode_logprobs(store.encode_logprobs(rows.logprobs.numpy(), logprob_dtype), logprob_dtype)
+    rows = rows._replace(logprobs=torch.from_numpy(stored.astype("float32")))
     return CachedTargets(*(None if x is None else x.clone() for x in rows))
+
+
+def variant(spec: str) -> tuple[int, str]:
+    """'16' -> (16, 'fp16'); '50:q8' -> (50, 'q8')."""
+    S, _, dtype = spec.partition(":")
+    if (dtype or "fp16") not in store.LOGPROB_DTYPES:
+        raise SystemExit(f"--tail_samples {spec}: the dtype must be one of {', '.join(store.LOGPROB_DTYPES)}")
+    return int(S), dtype or "fp16"
 
 
 def gradient(hidden: torch.Tensor, weight: torch.Tensor, teacher, T: float) -> tuple[torch.Tensor, float]:
@@ -94,7 +107,9 @@ def main(argv=None) -> int:
                    help="comma-separated student folders (default: student_init and student_quick or student)")
     p.add_argument("--temperatures", default="1,2")
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--tail_samples", default="0,16", help="comma-separated S; 0 is the buckets alone")
+    p.add_argument("--tail_samples", default="0,16",
+                   help="comma-separated S[:dtype]; 0 is the buckets alone; the dtype the log-probabilities are "
+                        "stored in (default fp16, the cache's default), e.g. 50:q8 (the same 300 bytes as 16)")
     p.add_argument("--draws", type=int, default=3, help="seeds of the tail samples per S > 0")
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=4)
@@ -111,7 +126,7 @@ def main(argv=None) -> int:
         if not folder.exists():
             raise SystemExit(f"{folder} does not exist: run `make demo-clm QUICK=1` first")
     temps = [float(t) for t in args.temperatures.split(",")]
-    sizes = [int(s) for s in args.tail_samples.split(",")]
+    sizes = [variant(s) for s in args.tail_samples.split(",")]
     with quiet_transformers():
         teacher = M.load_model("llama", run / "teacher").model.eval()
     pad_id = int(teacher.config.eos_token_id if teacher.config.pad_token_id is None else teacher.config.pad_token_id)
@@ -136,25 +151,29 @@ def main(argv=None) -> int:
                 online, online_loss = gradient(h, proj.weight, t, T)
                 top_mass = 1 - cached_targets(t, args.k, T, 0, 0).tail.exp().mean().item()
                 per.setdefault("top_k_mass", []).append(top_mass)
-                for S in sizes:
+                for S, dtype in sizes:
                     for d in range(args.draws if S else 1):
-                        g, loss = gradient(h, proj.weight, cached_targets(t, args.k, T, S, args.seed + 1000 * b + d), T)
-                        rec = per.setdefault(S, {"cosine": [], "relative_error": [], "loss_ratio": []})
+                        rows = cached_targets(t, args.k, T, S, args.seed + 1000 * b + d, dtype)
+                        g, loss = gradient(h, proj.weight, rows, T)
+                        rec = per.setdefault((S, dtype), {"cosine": [], "relative_error": [], "loss_ratio": []})
                         rec["cosine"].append(torch.nn.functional.cosine_similarity(g, online, dim=0).item())
                         rec["relative_error"].append(((g - online).norm() / online.norm()).item())
                         rec["loss_ratio"].append(loss / online_loss)
-            for S in sizes:
-                r = {key: statistics.mean(v) for key, v in per[S].items()}
-                r.update(student=folder.name, temperature=T, tail_samples=S, k=args.k,
+            for S, dtype in sizes:
+                r = {key: statistics.mean(v) for key, v in per[S, dtype].items()}
+                r.update(student=folder.name, temperature=T, tail_samples=S, logprob_dtype=dtype, k=args.k,
+                         bytes_per_position=store.bytes_per_position(args.k, t.shape[1], dtype, S),
                          top_k_mass=statistics.mean(per["top_k_mass"]),
-                         cosine_min=min(per[S]["cosine"]), cosine_max=max(per[S]["cosine"]))
+                         cosine_min=min(per[S, dtype]["cosine"]), cosine_max=max(per[S, dtype]["cosine"]))
                 print(json.dumps(r), flush=True)
                 table.append(r)
-    print("\n| student | T | top-k mass | variant | cosine with online | relative error | loss / online |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| student | T | top-k mass | variant | bytes | cosine with online | relative error | loss / online |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in table:
-        variant = "top k + tail bucket" if r["tail_samples"] == 0 else f"+ {r['tail_samples']} tail samples"
-        print(f"| {r['student']} | {r['temperature']:g} | {r['top_k_mass']:.3f} | {variant} | {r['cosine']:.4f} "
+        name = "top k + tail bucket" if r["tail_samples"] == 0 else f"+ {r['tail_samples']} tail samples"
+        name += f", {r['logprob_dtype']}"
+        print(f"| {r['student']} | {r['temperature']:g} | {r['top_k_mass']:.3f} | {name} | {r['bytes_per_position']} "
+              f"| {r['cosine']:.4f} "
               f"({r['cosine_min']:.4f}–{r['cosine_max']:.4f}) | {r['relative_error']:.3f} | {r['loss_ratio']:.3f} |")
     return 0
 

@@ -246,13 +246,26 @@ def test_bf16_bits_round_trip_as_torch_rounds_them():
     assert S.bf16_to_float32(bits)[-1] == -np.inf
 
 
+def test_q8_codes_keep_each_log_probability_within_half_a_step():
+    x = np.array([0.0, -1e-3, -0.5, -3.14159, -9.03, -15.9, -16.5, -80.0, -np.inf, np.nan], dtype=np.float32)
+    back = S.q8_to_float32(S.float32_to_q8(x))
+    assert S.float32_to_q8(x).dtype == np.uint8
+    assert np.abs(back[:6] - x[:6]).max() <= 0.5 / S.Q8_STEPS_PER_NAT + 1e-6
+    assert (back[6:] == -255 / S.Q8_STEPS_PER_NAT).all()  # below the range, -inf and nan: the smallest code
+    assert np.array_equal(S.decode_logprobs(S.encode_logprobs(x, "q8"), "q8"), back)
+    assert np.array_equal(S.decode_logprobs(S.encode_logprobs(x, "fp32"), "fp32")[:8], x[:8])
+
+
 def test_storage_arithmetic():
     assert S.bytes_per_position(64, 49152, "fp16") == 260  # SmolLM2's vocabulary: uint16 ids
     assert S.bytes_per_position(64, 128256, "bf16") == 388  # Llama 3's: uint32 ids
     assert S.bytes_per_position(8, 100, "fp32") == 8 * (2 + 4) + 4
-    assert S.bytes_per_position(64, 49152, "fp16", 16) == 296  # with the default tail samples
+    assert S.bytes_per_position(64, 49152, "fp16", 16) == 296  # what fp16 leaves room for under 300
     assert S.bytes_per_position(64, 128256, "fp16", 16) == 388 + 16 * 4 + 4
-    assert S.tail_samples_for(64, 49152, None) == 16 and S.tail_samples_for(49152, 49152, 16) == 0
+    assert S.bytes_per_position(64, 49152, "q8", 50) == 300  # the defaults: one byte a log-probability, 34 more samples
+    assert S.tail_samples_for(64, 49152, None) == 50 and S.tail_samples_for(49152, 49152, 16) == 0
+    assert S.logprob_dtype_for(50, None) == "q8" and S.logprob_dtype_for(0, None) == "fp16"
+    assert S.logprob_dtype_for(50, "fp32") == "fp32"
     assert shard_bounds(np.array([0, 5, 10, 30, 31]), 10) == [(0, 2), (2, 3), (3, 4)]
 
 
@@ -287,8 +300,8 @@ def test_a_cache_holds_the_teachers_top_k_for_every_position_of_every_example(wo
     cache = S.TeacherCache(cache8)
     ds = LMSeqsDataset(str(world.data), max_model_input_size=64)
     assert cache.positions == int(ds.lengths.sum()) and cache.k == 8
-    assert cache.tail_samples == 16
-    assert cache.meta["bytes"] == cache.positions * (36 + 36) and cache.meta["dataset"]["tokens_sha256"]
+    assert cache.tail_samples == 50 and cache.logprob_dtype == "q8"  # the defaults
+    assert cache.meta["bytes"] == cache.positions * (8 * 3 + 4 + 50 * 2 + 4) and cache.meta["dataset"]["tokens_sha256"]
     for name in (S.IDS_FILE, S.LOGPROBS_FILE, S.TAIL_FILE, S.SAMPLES_FILE, S.ENTROPY_FILE):
         assert (cache8 / name).stat().st_size > 0
     assert (cache8 / S.TOKENIZER_DIR / "tokenizer.json").is_file() and not (cache8 / "plan.json").exists()
@@ -298,7 +311,7 @@ def test_a_cache_holds_the_teachers_top_k_for_every_position_of_every_example(wo
         with torch.no_grad():
             ls = torch.log_softmax(teacher(input_ids=ids).logits[0] / 2.0, -1)
         c_ids, c_lp, c_tail, c_drawn, c_entropy = cache.example(i)
-        assert c_drawn.shape == (ids.shape[1], 16) and not (c_drawn[:, :, None] == c_ids[:, None, :]).any()
+        assert c_drawn.shape == (ids.shape[1], 50) and not (c_drawn[:, :, None] == c_ids[:, None, :]).any()
         tail_q = ls.exp().scatter(1, torch.from_numpy(c_ids), 0.0)
         tail_q = tail_q / tail_q.sum(-1, keepdim=True)
         assert np.allclose(c_entropy, -torch.special.xlogy(tail_q, tail_q).sum(-1).numpy(), atol=1e-3)
@@ -306,9 +319,23 @@ def test_a_cache_holds_the_teachers_top_k_for_every_position_of_every_example(wo
         mine = ls.gather(1, torch.from_numpy(c_ids))
         # The 8 most probable tokens (up to near-ties: the teacher ran here on one example, there in a batch).
         assert (mine >= ls.topk(8, -1).values[:, -1:] - 1e-5).all()
-        assert np.allclose(c_lp, mine.numpy(), atol=1e-2)  # fp16
+        assert np.allclose(c_lp, mine.numpy(), atol=0.5 / S.Q8_STEPS_PER_NAT + 1e-4)  # q8: half a step
         rest = ls.scatter(1, torch.from_numpy(c_ids), -math.inf).logsumexp(-1)
         assert np.allclose(c_tail, rest.numpy(), atol=1e-4)
+
+
+def test_an_fp16_cache_holds_the_same_rows_as_the_default_q8_one(world, cache8, tmp_path):
+    fp16 = S.TeacherCache(write(world, tmp_path / "fp16", logprob_dtype="fp16", tail_samples=20).folder)
+    q8 = S.TeacherCache(cache8)
+    assert fp16.logprob_dtype == "fp16" and fp16.tail_samples == 20
+    assert (q8.folder / S.LOGPROBS_FILE).stat().st_size == q8.positions * q8.k
+    assert fp16.meta["bytes"] == fp16.positions * (8 * 4 + 4 + 20 * 2 + 4)
+    for i in (0, 5):
+        mine, theirs = q8.example(i), fp16.example(i)
+        assert np.array_equal(mine.ids, theirs.ids) and np.array_equal(mine.tail, theirs.tail)
+        # half a q8 step, plus fp16's rounding
+        assert np.abs(mine.logprobs - theirs.logprobs).max() <= 0.5 / S.Q8_STEPS_PER_NAT + 1e-2
+        assert theirs.samples.shape == (len(theirs.ids), 20)
 
 
 def test_a_killed_cache_run_resumes_without_redoing_finished_shards(world, cache8, tmp_path):
@@ -346,7 +373,7 @@ def test_a_cache_is_not_overwritten_without_force_and_a_full_disk_is_refused_fir
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 900, 900))
-    with pytest.raises(UserError, match=r"needs 132\.8 KB but only 900 B is free"):
+    with pytest.raises(UserError, match=r"needs 243\.4 KB but only 900 B is free.*fewer --tail_samples$"):
         write(world, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists() and not (tmp_path / ".fresh.partial").exists()
 

@@ -32,14 +32,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_model_input_size", type=int, default=512,
                    help="the training run's --max_model_input_size: the cache follows its cut of the data "
                         "(default: 512)")
-    p.add_argument("--logprob_dtype", choices=list(LOGPROB_DTYPES), default="fp16",
-                   help="stored dtype of the log-probabilities (default: fp16; fp32 for exact comparisons)")
+    p.add_argument("--logprob_dtype", choices=list(LOGPROB_DTYPES), default=None,
+                   help="stored dtype of the top-k log-probabilities: q8 (one byte, each probability within 3.2%%; "
+                        "the default with tail samples, whose bytes it pays for), fp16 (the default without), "
+                        "bf16, or fp32 (for exact comparisons)")
     p.add_argument("--batch_tokens", type=int, default=8192, help="padded tokens per teacher batch (default: 8192)")
     p.add_argument("--shard_positions", type=int, default=1 << 16,
                    help="positions per shard, the unit of resuming (default: 65536)")
     p.add_argument("--tail_samples", type=int, default=None,
                    help="tokens drawn per position from the teacher's distribution outside the top k, which give "
-                        "forward KL an unbiased estimate of the tail's shape (default: 16, 2 bytes each; 0 for the "
+                        "forward KL an unbiased estimate of the tail's shape (default: 50, 2 bytes each; 0 for the "
                         "top k and one tail bucket only; none when --k is the vocabulary)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tail samples (default: 0)")
     p.add_argument("--bf16", action="store_true", help="run the teacher under bf16 autocast")

@@ -131,13 +131,13 @@ class _Writer:
                                      shape=(positions, tail_samples))
             self.entropy = np.memmap(folder / S.ENTROPY_FILE, dtype=S.TAIL_DTYPE, mode="r+", shape=(positions,))
             self.maps += [self.samples, self.entropy]
-        self.bf16 = logprob_dtype == "bf16"
+        self.logprob_dtype = logprob_dtype
 
     def put(self, a: int, rows: "TopK") -> None:
         b = a + rows.ids.shape[0]
         self.ids[a:b] = rows.ids.numpy()
         lp = rows.logprobs.float().numpy()
-        self.lps[a:b] = S.float32_to_bf16(lp) if self.bf16 else lp
+        self.lps[a:b] = S.encode_logprobs(lp, self.logprob_dtype)
         self.tail[a:b] = rows.tail.float().numpy()
         if rows.samples is not None:
             self.samples[a:b] = rows.samples.numpy()
@@ -233,17 +233,18 @@ class _TeacherPass:
 
 
 def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: str | Path, k: int = 64,
-                  temperature: float = 2.0, max_model_input_size: int = 512, logprob_dtype: str = "fp16",
+                  temperature: float = 2.0, max_model_input_size: int = 512, logprob_dtype: str | None = None,
                   batch_tokens: int = 8192, shard_positions: int = 1 << 16, bf16: bool = False,
                   force: bool = False, progress: bool = True, tail_samples: int | None = None,
                   seed: int = 0) -> CacheResult:
     """Write the cache of ``teacher_name`` on ``data_file`` into ``out`` (see the module docstring).
-    ``tail_samples``: tokens drawn from the teacher's tail per position (default 16, none when k is the
-    vocabulary), from a generator seeded with ``seed`` and the shard."""
+    ``tail_samples``: tokens drawn from the teacher's tail per position (default 50, none when k is the
+    vocabulary), from a generator seeded with ``seed`` and the shard. ``logprob_dtype``: by default q8
+    with tail samples (their bytes come from it), fp16 without."""
     out = Path(out)
     if tail_samples is not None and tail_samples < 0:
         raise UserError("--tail_samples must be 0 or more")
-    if logprob_dtype not in S.LOGPROB_DTYPES:
+    if logprob_dtype is not None and logprob_dtype not in S.LOGPROB_DTYPES:
         raise UserError(f"--logprob_dtype must be one of {', '.join(S.LOGPROB_DTYPES)}")
     if not temperature > 0 or not math.isfinite(temperature):
         raise UserError("--temperature must be a positive number")
@@ -288,6 +289,7 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
     rows = S.example_rows(dataset.lengths)
     positions = int(rows[-1])
     n_samples = S.tail_samples_for(k, vocab, tail_samples)
+    logprob_dtype = S.logprob_dtype_for(n_samples, logprob_dtype)
     per = S.bytes_per_position(k, vocab, logprob_dtype, n_samples)
     total = positions * per
     plan = {"teacher": _teacher_identity(teacher_type, teacher_name, model), "k": k, "temperature": temperature,
@@ -320,9 +322,9 @@ def cache_teacher(*, teacher_type: str, teacher_name: str, data_file: str, out: 
         f"log-probabilities {logprob_dtype}, tail float32{drawn}) = {human_bytes(total)} in {out}; "
         f"{human_bytes(free)} free on its disk{resuming}")
     if not staging.exists() and free < need:
+        smaller = "" if logprob_dtype == "q8" else " or --logprob_dtype q8"
         raise UserError(f"the cache needs {human_bytes(need)} but only {human_bytes(free)} is free on the disk of "
-                        f"{out.parent}; free some space, or choose a smaller --k, fewer --tail_samples or a 16-bit "
-                        "--logprob_dtype")
+                        f"{out.parent}; free some space, or choose a smaller --k, fewer --tail_samples{smaller}")
     if not staging.exists():
         staging.mkdir()
         try:
