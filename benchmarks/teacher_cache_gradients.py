@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--tail_samples", default="0,16",
                    help="comma-separated S[:dtype]; 0 is the buckets alone; the dtype the log-probabilities are "
-                        "stored in (default fp16, the cache's default), e.g. 50:q8 (the same 300 bytes as 16)")
+                        "stored in (default fp16; the cache's own default is q8 with samples), e.g. 50:q8, the "
+                        "same 300 bytes as 16 in fp16")
     p.add_argument("--draws", type=int, default=3, help="seeds of the tail samples per S > 0")
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=4)
