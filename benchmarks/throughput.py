@@ -501,6 +501,11 @@ def run(args) -> dict:
         **cpu_description(),
         "loss_kernel": loss_kernel(),
     }
+    if device.type == "cpu":  # rows per chunk and columns per matmul of the fused vocabulary losses
+        from distill.losses.blocking import cpu_blocking
+
+        b = cpu_blocking(run_dtype, PRESETS[args.preset]["hidden"], vocab)
+        out["vocab_blocking"] = {"rows": b.rows, "cols": b.cols, "source": b.source}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
         out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -16,25 +16,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from distill.losses.blocking import cpu_blocking
 from distill.losses.cached import CachedTargets, cached_rows, check_targets
 from distill.losses.divergences import FORWARD_KL, Divergence, divergence_rows
 from distill.losses.ensemble import TeacherEnsemble
 from distill.losses.kernels import Workspace, ce_rows, floored_copy, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
 
-# Rows per chunk on the CPU, by compute dtype: enough for the chunk's (chunk, H) x (H, V) matmul to run
-# near peak (fp32 needs more rows than bf16), few enough to keep the reused blocks small. On a GPU a
-# chunk is a few (chunk, V) of memory.
-_CPU_CHUNK_ROWS_FP32 = 384
-_CPU_CHUNK_ROWS_16BIT = 128
+# On the CPU the rows per chunk and the vocabulary columns per projection matmul are measured once per
+# machine and shape (:mod:`.blocking`). On a GPU a chunk is a few (chunk, V) of memory.
 _GPU_CHUNK_BYTES = 256 * 2**20
 _GROUP_CHUNKS = 2  # 16-bit compute: gradient rows per (V, H) partial, in chunks
-# Vocabulary columns per matmul of the CPU projection, by compute dtype: one (rows, H) x (H, V) matmul
-# with V in the tens of thousands ran at 55% of the fp32 matmul peak here (104 GFLOP/s against 187),
-# the same rows against 1024- or 2048-column slices of the weight at 80% (150-168, more with 384-512
-# rows than 256); bf16 gained 10% at 4096.
-_CPU_VOCAB_COLS_FP32 = 1024
-_CPU_VOCAB_COLS_16BIT = 4096
 _SLICE_ELEMS = 1 << 20  # elements of the fp32 copy of a 16-bit weight-gradient partial
 
 
@@ -100,6 +92,7 @@ class _Plan:
     teacher: ProjectedLogits | Tensor | CachedTargets | TeacherEnsemble | None  # logits, uncomputed, cached
     compute_dtype: torch.dtype  # of the matmuls and of the kept logit gradients; softmaxes are fp32
     chunk: int  # rows projected at a time
+    cols: int | None  # vocabulary columns per projection matmul (None: all at once)
     group: int  # kl/mse gradient rows of unlabelled rows taken through the projection at a time
     scale: float  # folded into both projections: 1/T when only the soft-target loss reads the teacher
     inv_t: float  # 1 / temperature
@@ -154,9 +147,7 @@ class _ForwardPass:
         self.b = None if bias is None else (bias.float() * p.scale).to(cdt)
         self.K, self.V = self.x.shape[0], self.w.shape[0]
         self.dev = self.x.device
-        self.cols = self.V
-        if self.dev.type == "cpu":
-            self.cols = _CPU_VOCAB_COLS_FP32 if cdt == torch.float32 else _CPU_VOCAB_COLS_16BIT
+        self.cols = self.V if p.cols is None else p.cols
         self._teacher_operands()
         self.totals = [torch.zeros((), dtype=torch.float32, device=self.dev) for _ in p.terms]
         self.pending: list[list] = [[] for _ in p.terms]  # per kl/mse term: (rows in its group block, positions)
@@ -456,17 +447,22 @@ def _ordered_rows(kinds: list[str], row_masks: list[Tensor | None],
     return index, rows, k_ce
 
 
-def _chunk_rows(chunk_size: int | None, device: torch.device, cdt: torch.dtype, V: int) -> int:
-    if chunk_size is not None and chunk_size > 0:
-        return int(chunk_size)
+def _blocking(chunk_size: int | None, device: torch.device, cdt: torch.dtype, H: int, V: int
+              ) -> tuple[int, int | None]:
+    """Rows per chunk (``chunk_size`` when given) and vocabulary columns per matmul (None: all)."""
     if device.type == "cpu":
-        return _CPU_CHUNK_ROWS_FP32 if cdt == torch.float32 else _CPU_CHUNK_ROWS_16BIT
-    return max(64, _GPU_CHUNK_BYTES // (4 * V))
+        b = cpu_blocking(cdt, H, V)
+        rows, cols = b.rows, b.cols
+    else:
+        rows, cols = max(64, _GPU_CHUNK_BYTES // (4 * V)), None
+    if chunk_size is not None and chunk_size > 0:
+        rows = int(chunk_size)
+    return rows, cols
 
 
 def _make_plan(hidden: Tensor, kinds: list[str], rows: list[Tensor | None], index_cpu: Tensor | None,
                k_ce: int, labels: Tensor | None, *, teacher, temperature: float, scale: float,
-               compute_dtype: torch.dtype, chunk: int, need: tuple[bool, bool, bool],
+               compute_dtype: torch.dtype, chunk: int, cols: int | None, need: tuple[bool, bool, bool],
                workspace: Workspace, divergence: Divergence = FORWARD_KL) -> _Plan:
     """The :class:`_Plan` of one call, from the rows :func:`_ordered_rows` chose."""
     n = hidden.numel() // hidden.shape[-1]
@@ -484,7 +480,7 @@ def _make_plan(hidden: Tensor, kinds: list[str], rows: list[Tensor | None], inde
         flat = flat.clamp_min(0)  # ignored rows never reach the kernel; keep gather in range
     return _Plan(
         terms=terms, index=index, k_ce=k_ce, labels=flat, teacher=teacher, compute_dtype=compute_dtype,
-        chunk=chunk, scale=scale, inv_t=1.0 / temperature, row_factor=row_factor,
+        chunk=chunk, cols=cols, scale=scale, inv_t=1.0 / temperature, row_factor=row_factor,
         # Gradient rows go through the projection a group at a time: every chunk in fp32 (the weight
         # gradient accumulates in place), several in 16 bits (each group adds a (V, H) partial).
         group=chunk if compute_dtype == torch.float32 else chunk * _GROUP_CHUNKS,
@@ -534,7 +530,8 @@ def projected_vocab_losses(
             ``labels != ignore_index`` if at hand (on the CPU it saves a host sync).
         compute_dtype: dtype of the matmuls (bf16 under bf16 autocast); None = the hidden's. The
             softmaxes and sums are fp32 whatever it is.
-        chunk_size: rows per chunk; None = a size suited to the device.
+        chunk_size: rows per chunk; None = a size suited to the device (on the CPU measured once per
+            machine and shape, :mod:`.blocking`).
         workspace: scratch blocks kept between calls, and the kernel choice (:class:`Workspace`);
             None = a new one for this call (eager kernels; its blocks are freed afterwards).
 
@@ -558,11 +555,12 @@ def projected_vocab_losses(
         zero = _connected_zero(hidden, weight, bias)
         return {name: zero.clone() for name in names}
     T, cdt, dev, grad_on = float(temperature), compute_dtype or hidden.dtype, hidden.device, torch.is_grad_enabled()
+    chunk, cols = _blocking(chunk_size, dev, cdt, weight.shape[1], weight.shape[0])
     plan = _make_plan(
         hidden, kinds, rows, index, k_ce, labels, teacher=teacher, temperature=T,
         # With only the soft-target loss on the teacher's side, 1/T is folded into the matmuls.
         scale=1.0 / T if soft_target and not mse else 1.0,
-        compute_dtype=cdt, chunk=_chunk_rows(chunk_size, dev, cdt, weight.shape[0]),
+        compute_dtype=cdt, chunk=chunk, cols=cols,
         need=(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
               grad_on and bias is not None and bias.requires_grad),
         workspace=workspace if workspace is not None else Workspace(),
