@@ -60,10 +60,20 @@ def test_measured_once_then_read_from_the_file(cache_dir):
     entry["rows"], entry["cols"] = 7, 11
     (cache_dir / "blocking.json").write_text(json.dumps(data))
     assert blocking.cpu_blocking(torch.float32, 64, 16384) == blocking.Blocking(7, 11, "file")
-    # Another shape or dtype is another entry.
-    other = blocking.cpu_blocking(torch.bfloat16, 64, 16384)
+    # Another shape is another entry.
+    other = blocking.cpu_blocking(torch.float32, 128, 8192)
     assert other.source == "measured"
     assert len(json.loads((cache_dir / "blocking.json").read_text())) == 2
+
+
+def test_16bit_measured_only_with_bf16_instructions(cache_dir, monkeypatch):
+    monkeypatch.setattr(blocking, "_fast_16bit", lambda: False)  # emulated bf16: minutes, for nothing
+    assert blocking.cpu_blocking(torch.bfloat16, 64, 16384) == blocking.default_blocking(torch.bfloat16)
+    assert not cache_dir.exists()
+    monkeypatch.setattr(blocking, "_fast_16bit", lambda: True)
+    got = blocking.cpu_blocking(torch.bfloat16, 64, 16384)
+    assert got.source == "measured" and "bfloat16 H64 V16384" in next(iter(
+        json.loads((cache_dir / "blocking.json").read_text())))
 
 
 def test_unwritable_cache_gives_the_defaults(tmp_path, monkeypatch):
@@ -127,3 +137,17 @@ def test_losses_do_not_depend_on_the_blocking(pin, dtype, monkeypatch, cache_dir
         torch.testing.assert_close(out[k], ref[k], **tol)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, **tol)
+
+
+def test_the_benchmark_prints_the_measurement(cache_dir, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vocab_blocking", ROOT / "benchmarks" / "vocab_blocking.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--hidden", "64", "--vocab", "16384"])
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["default"] == [384, 1024] and rec["chosen"][0] in blocking.ROW_CANDIDATES
+    assert set(rec["us_per_row"]) == {f"cols={c}" for c in blocking.COL_CANDIDATES if c < 16384} | {
+        f"rows={r}" for r in blocking.ROW_CANDIDATES}
+    assert not cache_dir.exists()  # the benchmark neither reads nor writes the file

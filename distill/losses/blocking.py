@@ -15,7 +15,8 @@ The choice changes the order in which the weight gradient is summed, so a run's 
 in the last bits: it is measured once per machine and then read from the file, under a file lock, so
 that every later run and every process of a run uses the same. Where the file cannot be written the
 defaults are used. ``DISTILL_BLOCKING=ROWS,COLS`` pins both; ``DISTILL_BLOCKING=default`` uses the
-defaults. Shapes too small for the choice to matter (V x H under 2^20) use the defaults unmeasured.
+defaults. Shapes too small for the choice to matter (V x H under 2^20), and 16-bit compute on a CPU without
+bf16 instructions, use the defaults unmeasured.
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DISTILL_BLOCKING_CACHE", Path.home() / ".cache" / "distill"))
 
 
-def cpu_identity() -> str:
-    """The CPU's model name and a hash of its flags."""
+def _cpu() -> tuple[str, str]:
     model, flags = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -81,7 +81,20 @@ def cpu_identity() -> str:
                 flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and a hash of its flags."""
+    model, flags = _cpu()
     return f"{model} flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def _fast_16bit() -> bool:
+    """Whether this CPU has bf16 matmul instructions (without them torch emulates bf16, many times slower
+    than fp32, and a measurement would take minutes for a precision no one should train in here)."""
+    flags = set(_cpu()[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _key(dtype: torch.dtype, hidden: int, vocab: int) -> str:
@@ -112,7 +125,7 @@ def cpu_blocking(dtype: torch.dtype, hidden: int, vocab: int) -> Blocking:
     env = _env_blocking(dtype)
     if env is not None:
         return env
-    if vocab * hidden < MIN_ELEMS:
+    if vocab * hidden < MIN_ELEMS or (dtype != torch.float32 and not _fast_16bit()):
         return default_blocking(dtype)
     key = _key(dtype, hidden, vocab)
     with _lock:
@@ -227,3 +240,4 @@ def measure(dtype: torch.dtype, hidden: int, vocab: int) -> Measurement:
         row_times[rows] = _best_time(lambda: chunk(rows)) / rows
         timings[f"rows={rows}"] = row_times[rows]
     return Measurement(_pick(row_times, d.rows), cols, timings)
+
