@@ -12,7 +12,7 @@ import torch
 
 from distill import losses as L
 from distill.losses import native
-from distill.losses.kernels import LOGIT_FLOOR, Workspace, kl_rows
+from distill.losses.kernels import LOGIT_FLOOR, Workspace, ce_rows, ce_rows_scaled, kl_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,11 +98,39 @@ def test_fused_losses_with_the_native_kernel_match_the_eager_ones(dtype):
                                        labels=labels, compute_dtype=dtype, chunk_size=16,
                                        workspace=Workspace(native=use))
         (res["soft_target_ce"] + res["lm_ce"]).backward()
-        out[use] = (res["soft_target_ce"].item(), x.grad, w.grad, b.grad)
+        out[use] = (res["soft_target_ce"].item(), res["lm_ce"].item(), x.grad, w.grad, b.grad)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out[True][0] == pytest.approx(out[False][0], rel=tol)
-    for mine, theirs in zip(out[True][1:], out[False][1:]):
+    assert out[True][1] == pytest.approx(out[False][1], rel=tol)
+    for mine, theirs in zip(out[True][2:], out[False][2:]):
         assert (mine.float() - theirs.float()).abs().max() <= tol * theirs.float().abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mul", [1.0, 2.0, 0.25])
+@pytest.mark.parametrize("colsum", [False, True])
+def test_native_ce_rows_match_the_eager_kernel(dtype, g_dtype, mul, colsum):
+    """Cross-entropy of mul * s with the labels: rows, gradient softmax - onehot, its column sums; with
+    padding logits (-inf and the floor) in some rows."""
+    a, _ = logits(37, 1003, dtype, seed=5)
+    a[3, :500] = float("-inf")
+    a[4, 7] = LOGIT_FLOOR
+    y = torch.randint(0, 1003, (37,), generator=torch.Generator().manual_seed(6))
+    y[3] = 900  # a label among the finite logits of the padded row
+    g_n = None if g_dtype is None else torch.empty(a.shape, dtype=g_dtype)
+    g_e = None if g_dtype is None else torch.empty(a.shape, dtype=g_dtype)
+    rows_n, sums_n = ce_rows_scaled(a, y, g_n, colsum, mul=mul, native=True)
+    rows_e, sums_e = ce_rows(a.float() * mul, y, g_e, colsum)
+    torch.testing.assert_close(rows_n, rows_e, rtol=1e-5, atol=1e-5)
+    if g_dtype is not None:
+        tol = dict(rtol=1e-5, atol=1e-6) if g_dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)
+        torch.testing.assert_close(g_n.float(), g_e.float(), **tol)
+        assert torch.equal(g_n[3, :500].float(), torch.zeros(500))  # -inf logits: exactly no probability
+        if colsum:
+            torch.testing.assert_close(sums_n, sums_e, rtol=1e-4, atol=2e-3 if g_dtype == torch.bfloat16 else 1e-5)
+    assert sums_n is None if (g_dtype is None or not colsum) else sums_n.shape == (1003,)
 
 
 def _probe(env: dict) -> str:

@@ -20,7 +20,7 @@ from distill.losses.blocking import cpu_blocking
 from distill.losses.cached import CachedTargets, cached_rows, check_targets
 from distill.losses.divergences import FORWARD_KL, Divergence, divergence_rows
 from distill.losses.ensemble import TeacherEnsemble
-from distill.losses.kernels import Workspace, ce_rows, floored_copy, loss_factors, mse_rows
+from distill.losses.kernels import Workspace, ce_rows_scaled, floored_copy, loss_factors, mse_rows
 from distill.losses.pointwise import _connected_zero
 
 # On the CPU the rows per chunk and the vocabulary columns per projection matmul are measured once per
@@ -244,8 +244,9 @@ class _ForwardPass:
             if term.kind == "ce":
                 if not labelled:
                     continue
-                sb = s if p.scale == 1.0 else s * (1.0 / p.scale)  # the labels' loss is on raw logits
-                row, colsum = ce_rows(sb, p.labels[a:z], term.gd[a:z] if p.need_grad else None, p.need_b)
+                # the labels' loss is on raw logits: s / scale
+                row, colsum = ce_rows_scaled(s, p.labels[a:z], term.gd[a:z] if p.need_grad else None, p.need_b,
+                                             mul=1.0 / p.scale, native=p.workspace.native)
             else:
                 done = self._teacher_loss(i, s, t, a, z, labelled)
                 if done is None:

@@ -177,6 +177,40 @@ def ce_rows(s: Tensor, y: Tensor, g_out: Tensor | None, colsum: bool = False) ->
     return row, (g.sum(0) if colsum else None)
 
 
+def ce_rows_scaled(s: Tensor, y: Tensor, g_out: Tensor | None, colsum: bool = False, mul: float = 1.0,
+                   native: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`ce_rows` of the logits ``mul * s``. With ``native``, on the CPU, in native code
+    (:mod:`distill.losses.native`): two passes for the softmax's statistics, one writing its
+    probabilities into ``g_out``, and no (n, V) temporary (eager PyTorch makes two, and about six
+    passes). Agrees with the eager kernel to float32 rounding."""
+    if native and s.device.type == "cpu":
+        done = _ce_rows_native(s, y, g_out, colsum, mul)
+        if done is not None:
+            return done
+    return ce_rows(s if mul == 1.0 else s * mul, y, g_out, colsum)
+
+
+def _ce_rows_native(s: Tensor, y: Tensor, g_out: Tensor | None, colsum: bool, mul: float
+                    ) -> tuple[Tensor, Tensor | None] | None:
+    from distill.losses import native
+
+    if g_out is not None and not (g_out.is_contiguous() and g_out.shape == s.shape):
+        return None
+    yy = y.unsqueeze(1)
+    stats = native.softmax_stats(s, yy, mul=mul)
+    if stats is None:
+        return None
+    lse = stats[0]
+    log_py = s.gather(1, yy).float().mul_(mul).clamp_min_(LOGIT_FLOOR).squeeze(1).sub_(lse)  # as the kernel floors
+    row = -log_py
+    if g_out is None:
+        return row, None
+    if not native.scaled_exp(s, lse, torch.ones_like(lse), g_out, mul=mul):
+        return None
+    g_out.scatter_(1, yy, log_py.exp().sub_(1.0).unsqueeze(1).to(g_out.dtype))  # p_y - 1, rounded once
+    return row, (g_out.float().sum(0) if colsum else None)
+
+
 def mse_rows(s: Tensor, t: Tensor, g_out: Tensor | None, colsum: bool = False) -> tuple[Tensor, Tensor | None]:
     """Rows of sum_v (s - t)^2 for (n, V) blocks of any float dtype, left untouched; into ``g_out``
     s - t (half the gradient)."""

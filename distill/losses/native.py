@@ -72,10 +72,10 @@ def _build() -> ctypes.CDLL:
                 raise RuntimeError(f"{Path(cc).name} failed: {r.stderr.strip()[-300:]}")
             os.replace(out, lib)
     dll = ctypes.CDLL(str(lib))
-    P, C, N = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    P, C, N, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     for name, args in (("distill_kl_rows", [P, P, C, P, C, P, P, P, N, N, N]),
-                       ("distill_softmax_stats_rows", [P, C, P, N, P, P, P, N, N, N]),
-                       ("distill_scaled_exp_rows", [P, C, P, P, P, C, N, N, N])):
+                       ("distill_softmax_stats_rows", [P, C, F, P, N, P, P, P, N, N, N]),
+                       ("distill_scaled_exp_rows", [P, C, F, P, P, P, C, N, N, N])):
         f = getattr(dll, name)
         f.restype, f.argtypes = None, args
     return dll
@@ -175,10 +175,11 @@ def kl_rows(a: Tensor, b: Tensor, g_out: Tensor | None, colsum: bool = False,
     return rows, (sums[0] if threads == 1 else sums.sum(0))
 
 
-def softmax_stats(a: Tensor, ids: Tensor, threads: int | None = None) -> tuple[Tensor, Tensor] | None:
-    """For CPU logits a (n, V), fp32 or bf16, floored as the kernels floor them, and distinct token ids
-    (n, k) per row: (log sum_v exp a_v, log of the same sum over the tokens not in ``ids``), float32
-    (n,) each; -inf for an empty tail. None when the kernel cannot run here."""
+def softmax_stats(a: Tensor, ids: Tensor, threads: int | None = None, mul: float = 1.0
+                  ) -> tuple[Tensor, Tensor] | None:
+    """For CPU logits ``mul * a`` (a (n, V), fp32 or bf16), floored as the kernels floor them, and
+    distinct token ids (n, k) per row: (log sum_v exp, log of the same sum over the tokens not in
+    ``ids``), float32 (n,) each; -inf for an empty tail. None when the kernel cannot run here."""
     if not _usable(a) or ids.dim() != 2 or ids.shape[0] != a.shape[0]:
         return None
     a, ids = a.contiguous(), ids.to(torch.int64).contiguous()
@@ -192,16 +193,18 @@ def softmax_stats(a: Tensor, ids: Tensor, threads: int | None = None) -> tuple[T
     f = _lib.distill_softmax_stats_rows
 
     def run(i: int, r0: int, r1: int) -> None:
-        f(a.data_ptr(), in_bf16, ids.data_ptr(), k, lse.data_ptr(), lse_tail.data_ptr(), scratch[i].data_ptr(),
-          r0, r1, V)
+        f(a.data_ptr(), in_bf16, float(mul), ids.data_ptr(), k, lse.data_ptr(), lse_tail.data_ptr(),
+          scratch[i].data_ptr(), r0, r1, V)
 
     _in_parallel(n, threads, run)
     return lse, lse_tail
 
 
-def scaled_exp(a: Tensor, shift: Tensor, alpha: Tensor, g_out: Tensor, threads: int | None = None) -> bool:
-    """``g_out = alpha[:, None] * exp(a - shift[:, None])`` for CPU logits a (n, V) (floored), with
-    ``shift`` at least each row's maximum (its log-sum-exp, say). False when the kernel cannot run."""
+def scaled_exp(a: Tensor, shift: Tensor, alpha: Tensor, g_out: Tensor, threads: int | None = None,
+               mul: float = 1.0) -> bool:
+    """``g_out = alpha[:, None] * exp(mul * a - shift[:, None])`` for CPU logits a (n, V) (``mul * a``
+    floored), with ``shift`` at least each row's maximum of ``mul * a`` (its log-sum-exp, say). False
+    when the kernel cannot run."""
     if not _usable(a) or not _g_usable(g_out, a.shape):
         return False
     a = a.contiguous()
@@ -213,7 +216,7 @@ def scaled_exp(a: Tensor, shift: Tensor, alpha: Tensor, g_out: Tensor, threads: 
     f = _lib.distill_scaled_exp_rows
 
     def run(i: int, r0: int, r1: int) -> None:
-        f(a.data_ptr(), in_bf16, shift.data_ptr(), alpha.data_ptr(), g_out.data_ptr(), g_bf16, r0, r1, V)
+        f(a.data_ptr(), in_bf16, float(mul), shift.data_ptr(), alpha.data_ptr(), g_out.data_ptr(), g_bf16, r0, r1, V)
 
     _in_parallel(n, _threads(n, threads), run)
     return True

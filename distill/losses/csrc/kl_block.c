@@ -134,8 +134,9 @@ void distill_kl_rows(const void *a, const void *b, int in_bf16, void *g, int g_b
 /* The student's side of the cached soft targets (distill.losses.cached), rows [r0, r1):
  * lse[r] = log sum_v exp(a[r, v]) and lse_tail[r] = log sum_{v not in ids[r]} exp(a[r, v]), the tail's
  * own sum (1 - the top's would cancel when the top k hold nearly all the mass). ids: (n, k) int64
- * of distinct tokens. scratch: V floats, all 1 on entry and on return (the mask of the tail). */
-void distill_softmax_stats_rows(const void *a, int in_bf16, const int64_t *ids, int64_t k, float *lse,
+ * of distinct tokens. scratch: V floats, all 1 on entry and on return (the mask of the tail). The logits are
+ * a[r, v] * mul (mul = 1: a itself, exactly). */
+void distill_softmax_stats_rows(const void *a, int in_bf16, float mul, const int64_t *ids, int64_t k, float *lse,
                                 float *lse_tail, float *scratch, int64_t r0, int64_t r1, int64_t V) {
     float *keep = scratch;
     for (int64_t r = r0; r < r1; r++) {
@@ -146,13 +147,13 @@ void distill_softmax_stats_rows(const void *a, int in_bf16, const int64_t *ids, 
         if (in_bf16) {
 #pragma omp simd reduction(max : m)
             for (int64_t v = 0; v < V; v++) {
-                float x = floored(bf16_to_float(ah[v]));
+                float x = floored(bf16_to_float(ah[v]) * mul);
                 m = x > m ? x : m;
             }
         } else {
 #pragma omp simd reduction(max : m)
             for (int64_t v = 0; v < V; v++) {
-                float x = floored(af[v]);
+                float x = floored(af[v] * mul);
                 m = x > m ? x : m;
             }
         }
@@ -162,14 +163,14 @@ void distill_softmax_stats_rows(const void *a, int in_bf16, const int64_t *ids, 
         if (in_bf16) {
 #pragma omp simd reduction(+ : z, zt)
             for (int64_t v = 0; v < V; v++) {
-                float e = exp_nonpositive(floored(bf16_to_float(ah[v])) - m);
+                float e = exp_nonpositive(floored(bf16_to_float(ah[v]) * mul) - m);
                 z += e;
                 zt += keep[v] * e;
             }
         } else {
 #pragma omp simd reduction(+ : z, zt)
             for (int64_t v = 0; v < V; v++) {
-                float e = exp_nonpositive(floored(af[v]) - m);
+                float e = exp_nonpositive(floored(af[v] * mul) - m);
                 z += e;
                 zt += keep[v] * e;
             }
@@ -181,9 +182,9 @@ void distill_softmax_stats_rows(const void *a, int in_bf16, const int64_t *ids, 
     }
 }
 
-/* g[r, v] = alpha[r] * exp(a[r, v] - shift[r]) for rows [r0, r1), into fp32 or bf16 g. */
-void distill_scaled_exp_rows(const void *a, int in_bf16, const float *shift, const float *alpha, void *g, int g_bf16,
-                             int64_t r0, int64_t r1, int64_t V) {
+/* g[r, v] = alpha[r] * exp(a[r, v] * mul - shift[r]) for rows [r0, r1), into fp32 or bf16 g. */
+void distill_scaled_exp_rows(const void *a, int in_bf16, float mul, const float *shift, const float *alpha, void *g,
+                             int g_bf16, int64_t r0, int64_t r1, int64_t V) {
     for (int64_t r = r0; r < r1; r++) {
         const float s = shift[r], c = alpha[r];
         if (in_bf16 && g_bf16) {
@@ -191,25 +192,25 @@ void distill_scaled_exp_rows(const void *a, int in_bf16, const float *shift, con
             uint16_t *gr = (uint16_t *)g + r * V;
 #pragma omp simd
             for (int64_t v = 0; v < V; v++)
-                gr[v] = float_to_bf16(c * exp_nonpositive(floored(bf16_to_float(ah[v])) - s));
+                gr[v] = float_to_bf16(c * exp_nonpositive(floored(bf16_to_float(ah[v]) * mul) - s));
         } else if (in_bf16) {
             const uint16_t *ah = (const uint16_t *)a + r * V;
             float *gr = (float *)g + r * V;
 #pragma omp simd
             for (int64_t v = 0; v < V; v++)
-                gr[v] = c * exp_nonpositive(floored(bf16_to_float(ah[v])) - s);
+                gr[v] = c * exp_nonpositive(floored(bf16_to_float(ah[v]) * mul) - s);
         } else if (g_bf16) {
             const float *af = (const float *)a + r * V;
             uint16_t *gr = (uint16_t *)g + r * V;
 #pragma omp simd
             for (int64_t v = 0; v < V; v++)
-                gr[v] = float_to_bf16(c * exp_nonpositive(floored(af[v]) - s));
+                gr[v] = float_to_bf16(c * exp_nonpositive(floored(af[v] * mul) - s));
         } else {
             const float *af = (const float *)a + r * V;
             float *gr = (float *)g + r * V;
 #pragma omp simd
             for (int64_t v = 0; v < V; v++)
-                gr[v] = c * exp_nonpositive(floored(af[v]) - s);
+                gr[v] = c * exp_nonpositive(floored(af[v] * mul) - s);
         }
     }
 }
