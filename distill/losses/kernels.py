@@ -34,8 +34,9 @@ class Workspace:
     block costs a page fault per 4 KB on every use; kept here, it costs nothing after the first step.
     A GPU's caching allocator already reuses memory, so there :meth:`get` returns a fresh tensor.
 
-    ``native`` (default True): on the CPU the forward-KL kernel runs as native code
-    (:mod:`distill.losses.native`: three passes over each row, built for this CPU at first use),
+    ``native`` (default True): on the CPU the forward-KL kernel, the cached soft targets' softmax and
+    the labels' cross-entropy run as native code (:mod:`distill.losses.native`: two or three passes
+    over each row, built for this CPU at first use),
     where it can be built; elsewhere, and with ``native=False`` or ``DISTILL_NATIVE=0``, as eager
     PyTorch, which makes a pass over the block per operation. The two agree to float32 rounding
     (``tests/test_native_kernel.py``).

@@ -7,6 +7,11 @@ with the C compiler (``cc``, ``gcc`` or ``clang``) and ``-march=native`` into
 ``~/.cache/distill/native`` (``DISTILL_NATIVE_CACHE`` moves it), keyed by the source, the compiler
 and the CPU's flags, and loaded with ctypes: no PyTorch headers, a build in about a second.
 
+The same library computes a softmax's statistics over a row and its scaled probabilities
+(:func:`softmax_stats`, :func:`scaled_exp`), of ``mul * a`` for a multiplier ``mul``: the cached soft
+targets (:mod:`.cached`) and the labels' cross-entropy (:func:`distill.losses.kernels.ce_rows_scaled`)
+use them.
+
 :func:`kl_rows` returns None when the kernel cannot be used here (no compiler, a build error, not
 x86-64 or ARM Linux/macOS, ``DISTILL_NATIVE=0``); callers then run the eager kernel. Row ranges run
 in parallel on ``torch.get_num_threads()`` threads (ctypes releases the GIL).
