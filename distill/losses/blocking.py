@@ -21,6 +21,7 @@ bf16 instructions, use the defaults unmeasured.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,7 +72,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DISTILL_BLOCKING_CACHE", Path.home() / ".cache" / "distill"))
 
 
-def _cpu() -> tuple[str, str]:
+@functools.lru_cache(maxsize=1)
+def _cpu() -> tuple[str, str]:  # read once: cpu_blocking runs at every loss call
     model, flags = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
