@@ -29,7 +29,7 @@ import platform
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,7 +73,9 @@ def _cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu() -> tuple[str, str]:  # read once: cpu_blocking runs at every loss call
+def cpu_model_and_flags() -> tuple[str, str]:
+    """The CPU's model name and its flags line, from /proc/cpuinfo, read once (cpu_blocking runs at every
+    loss call; the native kernels' build key uses it too)."""
     model, flags = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -88,14 +90,14 @@ def _cpu() -> tuple[str, str]:  # read once: cpu_blocking runs at every loss cal
 
 def cpu_identity() -> str:
     """The CPU's model name and a hash of its flags."""
-    model, flags = _cpu()
+    model, flags = cpu_model_and_flags()
     return f"{model} flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
 def _fast_16bit() -> bool:
     """Whether this CPU has bf16 matmul instructions (without them torch emulates bf16, many times slower
     than fp32, and a measurement would take minutes for a precision no one should train in here)."""
-    flags = set(_cpu()[1].split())
+    flags = set(cpu_model_and_flags()[1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -180,9 +182,6 @@ class Measurement:
     rows: int
     cols: int
     timings: dict  # "cols=C" and "rows=R": seconds per chunk row of the timed matmuls, best of the repeats
-
-    def asdict(self) -> dict:
-        return asdict(self)
 
 
 def _best_time(fn) -> float:

@@ -44,12 +44,10 @@ _pool_size = 0
 
 
 def _cpu_key() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
+    from distill.losses.blocking import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
+    return f"{platform.machine()} {model} {flags}"
 
 
 def _compiler() -> str | None:
