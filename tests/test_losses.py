@@ -776,6 +776,49 @@ def test_projected_losses_reuse_the_workspace_across_shapes():
         assert torch.equal(first[k], again[k]) and torch.equal(first[k], fresh[k])
 
 
+def test_workspace_lease_reuses_given_back_blocks_and_never_lends_one_twice():
+    ws = Lmod.Workspace()
+    a = ws.lease((4, 6), torch.float32, torch.device("cpu"))
+    b = ws.lease((4, 6), torch.float32, torch.device("cpu"))
+    assert a.data_ptr() != b.data_ptr()  # a is not given back: b is new
+    ws.release(a)
+    ws.release(a)  # twice: still lent once
+    c = ws.lease((2, 6), torch.float32, torch.device("cpu"))
+    assert c.data_ptr() == a.data_ptr() and c.shape == (2, 6)
+    d = ws.lease((2, 6), torch.float32, torch.device("cpu"))
+    assert d.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert ws.lease((2, 6), torch.float64, torch.device("cpu")).dtype == torch.float64
+    ws.release(b)
+    assert ws.lease((5, 6), torch.float32, torch.device("cpu")).data_ptr() != b.data_ptr()  # too small
+
+
+def _losses_and_grads(h0, w0, b0, teacher, labels, ws, calls: int):
+    """``calls`` forwards on one workspace, then their backwards in reverse order."""
+    outs, params = [], []
+    for _ in range(calls):
+        h, w, b = _params(h0, w0, b0)
+        outs.append(projected_vocab_losses(h, w, b, teacher=teacher, soft_target=True, labels=labels,
+                                           chunk_size=3, workspace=ws))
+        params.append((h, w, b))
+    grads = []
+    for out, ps in reversed(list(zip(outs, params))):
+        grads.append(torch.autograd.grad(2.0 * out["soft_target_ce"] + 3.0 * out["lm_ce"], ps))
+    return outs, grads
+
+
+def test_projected_losses_kept_gradients_survive_a_second_forward_before_the_backward():
+    h0, w0, b0, th, tw, tb, labels = _proj_case(10)
+    teacher = ProjectedLogits(th, tw, tb)
+    _, (ref,) = _losses_and_grads(h0, w0, b0, teacher, labels, Lmod.Workspace(), 1)
+    ws = Lmod.Workspace()
+    for _ in range(2):  # the second round reuses the blocks the first gave back
+        _, grads = _losses_and_grads(h0, w0, b0, teacher, labels, ws, 2)
+        for g in grads:
+            for x, y in zip(g, ref):
+                assert torch.equal(x, y)
+    assert len(ws.free) >= 2
+
+
 def test_projected_losses_argument_errors():
     h0, w0, b0, th, tw, tb, labels = _proj_case(9)
     with pytest.raises(ValueError, match="need the teacher"):

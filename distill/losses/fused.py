@@ -198,8 +198,9 @@ class _ForwardPass:
         for term in p.terms:
             term.db = torch.zeros(V, dtype=torch.float32, device=self.dev) if p.need_b else None
             if p.k_ce > 0:  # zeroed when the loss skips some labelled rows
-                alloc = torch.empty if term.kind == "ce" or term.rows is None else torch.zeros
-                term.gd = alloc(p.k_ce, V, dtype=p.compute_dtype, device=self.dev)
+                term.gd = p.workspace.lease((p.k_ce, V), p.compute_dtype, self.dev)
+                if term.kind != "ce" and term.rows is not None:
+                    term.gd.zero_()
             if term.kind != "ce" and p.k_ce < K:
                 term.dx = torch.zeros(K, H, dtype=torch.float32, device=self.dev) if p.need_x else None
                 # written by the first flush (there is one: some rows are not labelled)
@@ -353,6 +354,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
         terms, ctx.terms = ctx.terms, None  # the accumulators are scaled in place and handed over
         need_x, need_w, need_b = ctx.need
         dx = dw = db = g = None
+        kept = [term.gd for term in terms if term.gd is not None]
         for term, go in zip(terms, grad_outs):
             f = go.float() * term.factor
             if term.dx is not None:
@@ -367,14 +369,22 @@ class _ProjectedVocabLosses(torch.autograd.Function):
             term.dx = term.dw = term.db = term.gd = None
         if g is not None:  # one matmul through the projection for the labelled rows (K_ce, V)
             if need_x:
-                if dx is None:
+                if dx is None and ctx.k_ce == ctx.k_rows and g.dtype == torch.float32:
+                    dx = torch.mm(g, ctx.w)
+                elif dx is None:
                     dx = torch.zeros(ctx.k_rows, ctx.x.shape[1], dtype=torch.float32, device=g.device)
-                dx[:ctx.k_ce] += torch.mm(g, ctx.w).float()
+                    dx[:ctx.k_ce] = torch.mm(g, ctx.w)
+                else:
+                    dx[:ctx.k_ce] += torch.mm(g, ctx.w).float()
             if need_w:
-                if dw is None:
-                    dw = torch.zeros(g.shape[1], ctx.x.shape[1], dtype=torch.float32, device=g.device)
-                _add_weight_grad(dw, g, ctx.x[:ctx.k_ce], ctx.workspace)
+                first = dw is None
+                if first:  # written by the first product
+                    dw = torch.empty(g.shape[1], ctx.x.shape[1], dtype=torch.float32, device=g.device)
+                _add_weight_grad(dw, g, ctx.x[:ctx.k_ce], ctx.workspace, first=first)
             del g
+        for block in kept:  # the logit gradients' memory, for the next forward
+            ctx.workspace.release(block)
+        del kept
         if dx is not None:
             if ctx.index is not None:
                 dx = dx.new_zeros((ctx.n_rows, dx.shape[1])).index_copy_(0, ctx.index, dx)

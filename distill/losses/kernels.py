@@ -53,6 +53,7 @@ class Workspace:
 
     def __init__(self, compiled: bool = False, native: bool = True):
         self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.free: list[Tensor] = []  # blocks lent by lease() and given back by release()
         self.compiled_kl: Callable | None = torch.compile(_kl_block_fp32, dynamic=True) if compiled else None
         self.native = native
 
@@ -69,9 +70,32 @@ class Workspace:
             buf = self.buffers[key] = torch.empty(n, dtype=dtype)
         return buf[:n].view(shape)
 
+    def lease(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised ``shape`` block that nobody else holds until it is given back with
+        :meth:`release`: the memory of a block given back earlier when one is large enough (no page
+        faults), else new. For blocks kept from a forward to its backward, such as the losses' logit
+        gradients; one never given back is simply freed by Python."""
+        n = 1
+        for d in shape:
+            n *= d
+        if device.type == "cpu":
+            fits = [i for i, b in enumerate(self.free) if b.dtype == dtype and b.numel() >= n]
+            if fits:
+                buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+                return buf[:n].view(shape)
+        return torch.empty(n, dtype=dtype, device=device).view(shape)
+
+    def release(self, block: Tensor) -> None:
+        """Give back a block from :meth:`lease`; the caller must not use it again."""
+        if block.device.type == "cpu":
+            base = block._base if block._base is not None else block
+            if all(b.data_ptr() != base.data_ptr() for b in self.free):
+                self.free.append(base)
+
     def clear(self) -> None:
         """Free the scratch blocks (the next call allocates them again)."""
         self.buffers.clear()
+        self.free.clear()
 
 
 def loss_factors(kind: str, temperature: float = 1.0) -> tuple[float, float]:
