@@ -18,7 +18,8 @@
    alternating, on the same micro-batches: each round runs one untimed step of a set-up (switching
    refills the caches), then its timed steps. Reports the median step times and their ratio.
 
-`--temperature 1` runs all of it at T = 1 (its own cache and students). Prints one JSON record and a
+`--temperature 1` runs all of it at T = 1 (its own cache and students); `--seed N` trains both students
+with train.py's `--seed N` on the same cache. Prints one JSON record and a
 Markdown table; writes `<run_dir>/teacher_cache[_t<T>].json`.
 """
 
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
                         "0 is the top k and the tail bucket alone)")
     p.add_argument("--temperature", type=float, default=None,
                    help="the soft-target temperature of both runs (default: the recipe's, 2)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="train.py's --seed for the online and cached students (default: train.py's); their "
+                        "folders and the record are named with it, the cache is the same")
     p.add_argument("--timing_rounds", type=int, default=3)
     p.add_argument("--timing_steps", type=int, default=3, help="timed steps per set-up and round (0: no timing)")
     p.add_argument("--timing_only", action="store_true",
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
          if (recipe.batch_size, recipe.accumulation) != (8, 2) else "") + \
         (f"_{args.logprob_dtype}" if args.logprob_dtype is not None else "")
     cache_dir = run / f"teacher_cache_k{args.k}_s{sizes[-1]}{tag}"
+    seed_flags = () if args.seed is None else ("--seed", str(args.seed))
+    tag += "" if args.seed is None else f"_seed{args.seed}"  # the students and the record, not the cache
     if not (cache_dir / "meta.json").is_file():
         print(f"\n== caching the teacher into {cache_dir}", flush=True)
         cache_teacher(teacher_type="llama", teacher_name=str(teacher), data_file=str(data), out=cache_dir,
@@ -187,6 +193,7 @@ def main(argv=None) -> int:
 
     bench = run / "teacher_cache_runs"
     record = {**cpu_description(), "bf16": bf16, "recipe": recipe.__dict__, "train_chapters": args.train_chapters,
+              "seed": args.seed,
               "cache": cache_record}
     if args.timing_only:
         return timing(args, recipe, bf16, data, teacher, student_init, caches[sizes[-1]], bench, record, cache,
@@ -195,12 +202,12 @@ def main(argv=None) -> int:
     windows = clm.held_out_windows(teacher, held_out, recipe)
     online = bench / f"online_{recipe.max_steps}{tag}"
     print("\n== online", flush=True)
-    clm.distil(recipe, data, teacher, student_init, online, bf16)
+    clm.distil(recipe, data, teacher, student_init, online, bf16, extra=seed_flags)
     students = {"teacher": teacher, "extracted": student_init, "online": online}
     for S, folder in caches.items():
         dump = bench / f"cached_k{args.k}_s{S}_{recipe.max_steps}{tag}"
         print(f"\n== from the cache, {S} tail samples", flush=True)
-        clm.distil(recipe, data, teacher, student_init, dump, bf16, extra=("--teacher_cache", str(folder)))
+        clm.distil(recipe, data, teacher, student_init, dump, bf16, extra=("--teacher_cache", str(folder), *seed_flags))
         students[f"cached, k = {args.k}" + (f", {S} tail samples" if S else ", tail bucket only")] = dump
     scores = {label: clm.score_model(folder, windows)["perplexity"] for label, folder in students.items()}
     cached_labels = [label for label in scores if label.startswith("cached")]
