@@ -790,6 +790,7 @@ def test_workspace_lease_reuses_given_back_blocks_and_never_lends_one_twice():
     assert ws.lease((2, 6), torch.float64, torch.device("cpu")).dtype == torch.float64
     ws.release(b)
     assert ws.lease((5, 6), torch.float32, torch.device("cpu")).data_ptr() != b.data_ptr()  # too small
+    assert all(x.dtype != torch.float32 for x in ws.free)  # b is dropped, not kept beside the larger block
 
 
 def _losses_and_grads(h0, w0, b0, teacher, labels, ws, calls: int):

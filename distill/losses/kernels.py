@@ -33,6 +33,9 @@ class Workspace:
     On the CPU, glibc gives large freed blocks back to the operating system, so a fresh (chunk, V)
     block costs a page fault per 4 KB on every use; kept here, it costs nothing after the first step.
     A GPU's caching allocator already reuses memory, so there :meth:`get` returns a fresh tensor.
+    Blocks kept from a forward to its backward (the fused losses' logit gradients) are lent by
+    :meth:`lease` and given back by :meth:`release`, so that two forwards before their backwards never
+    share one.
 
     ``native`` (default True): on the CPU the forward-KL kernel, the cached soft targets' softmax and
     the labels' cross-entropy run as native code (:mod:`distill.losses.native`: two or three passes
@@ -83,6 +86,9 @@ class Workspace:
             if fits:
                 buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
                 return buf[:n].view(shape)
+            # None is large enough: drop the smaller ones of this dtype, so that the pool holds no more
+            # blocks than were lent at once, each of the largest size asked for (batches change shape).
+            self.free = [b for b in self.free if b.dtype != dtype]
         return torch.empty(n, dtype=dtype, device=device).view(shape)
 
     def release(self, block: Tensor) -> None:
