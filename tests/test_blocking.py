@@ -56,10 +56,18 @@ def test_measured_once_then_read_from_the_file(cache_dir):
     assert all(t > 0 for t in entry["timings"].values())
     assert blocking.cpu_blocking(torch.float32, 64, 16384) is first  # in-process: no second look
     blocking._memo.clear()
-    # A later process reads the file, whatever it holds (here: a choice no measurement would make).
-    entry["rows"], entry["cols"] = 7, 11
+    # A later process reads the file as it is, whichever of the candidates it holds.
+    picked = (128 if first.rows != 128 else 256, 8192 if first.cols != 8192 else 512)
+    entry["rows"], entry["cols"] = picked
     (cache_dir / "blocking.json").write_text(json.dumps(data))
-    assert blocking.cpu_blocking(torch.float32, 64, 16384) == blocking.Blocking(7, 11, "file")
+    assert blocking.cpu_blocking(torch.float32, 64, 16384) == blocking.Blocking(*picked, "file")
+    blocking._memo.clear()
+    # An entry outside them (an older version's 512 rows, which cost the step memory) is measured again.
+    entry["rows"] = 512
+    (cache_dir / "blocking.json").write_text(json.dumps(data))
+    again = blocking.cpu_blocking(torch.float32, 64, 16384)
+    assert again.source == "measured" and again.rows in blocking.ROW_CANDIDATES
+    assert json.loads((cache_dir / "blocking.json").read_text())[key]["rows"] == again.rows
     # Another shape is another entry.
     other = blocking.cpu_blocking(torch.float32, 128, 8192)
     assert other.source == "measured"
