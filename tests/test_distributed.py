@@ -118,6 +118,7 @@ def test_killed_two_process_run_resumes_exactly(setup, two_proc):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.heavy  # the fault matrix's "NaN loss on one rank of two" row (tests/test_faults.py)
 def test_nan_on_one_rank_is_skipped_by_both(setup, two_proc):
     straight, _ = two_proc
     dump = setup["root"] / "nan"

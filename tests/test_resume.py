@@ -35,6 +35,18 @@ def run(argv, fault=None, **kw):
                           text=True, timeout=300, **kw)
 
 
+def refused(argv, capsys) -> str:
+    """train.py's refusal of ``argv``, in this process (a refusal comes before any training, and a
+    process start costs more than the check): its stderr; the exit status must be 2."""
+    from distill.cli import train
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
 def losses_by_step(dump: Path) -> dict[int, dict]:
     out = {}
     for line in (dump / "metrics.jsonl").read_text().splitlines():
@@ -70,7 +82,9 @@ def straight(world, tmp_path_factory):  # noqa: F811
 # The README's path (an extracted student, dropout on) is killed at random steps and inside checkpoint
 # writes in test_reproducibility.py and benchmarks/faults.py; these cover a student built from a config
 # with a learned hidden-state projection.
-@pytest.mark.parametrize("fault", ["after_step_6", "during_checkpoint_write_8"])
+# The fault matrix (tests/test_faults.py, in `make test`) kills the README's path inside a checkpoint
+# write, stops it with SIGTERM and corrupts its latest checkpoint; here those run in `make test-all`.
+@pytest.mark.parametrize("fault", ["after_step_6", pytest.param("during_checkpoint_write_8", marks=pytest.mark.heavy)])
 def test_sigkill_then_resume_is_bitwise_identical(world, straight, tmp_path, fault):  # noqa: F811
     dump = tmp_path / "run"
     r = run(args_for(world, dump), fault=fault)
@@ -85,6 +99,7 @@ def test_sigkill_then_resume_is_bitwise_identical(world, straight, tmp_path, fau
     assert_same_run(straight, dump)
 
 
+@pytest.mark.heavy  # the fault matrix's "SIGTERM (stop, then --resume)" row
 def test_sigterm_saves_and_stops_cleanly_then_resumes(world, straight, tmp_path):  # noqa: F811
     dump = tmp_path / "run"
     env = dict(os.environ, DISTILL_FAULT="")
@@ -107,7 +122,7 @@ def test_sigterm_saves_and_stops_cleanly_then_resumes(world, straight, tmp_path)
     assert_same_run(straight, dump)
 
 
-def test_resume_refusals_and_harmless_changes(world, straight, tmp_path):  # noqa: F811
+def test_resume_refusals_and_harmless_changes(world, straight, tmp_path, capsys):  # noqa: F811
     import shutil
 
     data = tmp_path / "data"  # a private copy, changed below
@@ -123,22 +138,20 @@ def test_resume_refusals_and_harmless_changes(world, straight, tmp_path):  # noq
 
     assert run(argv_(), fault="after_step_6").returncode == -signal.SIGKILL
     # starting again without --resume or --force is refused, and says how to resume
-    r = run(argv_())
-    assert r.returncode == 2 and "--resume" in r.stderr and "holds checkpoints" in r.stderr
+    err = refused(argv_(), capsys)
+    assert "--resume" in err and "holds checkpoints" in err
     # an incompatible config
-    r = run(argv_("--resume", "--alpha_ce", "2.0"))
-    assert r.returncode == 2 and "config differs" in r.stderr and "alpha_ce" in r.stderr
+    err = refused(argv_("--resume", "--alpha_ce", "2.0"), capsys)
+    assert "config differs" in err and "alpha_ce" in err
     # another teacher at the same path
     cfg = (teacher / "config.json").read_text()
     (teacher / "config.json").write_text(cfg.replace("{", '{"_note": "retrained",', 1))
-    r = run(argv_("--resume"))
-    assert r.returncode == 2 and "not the teacher" in r.stderr
+    assert "not the teacher" in refused(argv_("--resume"), capsys)
     (teacher / "config.json").write_text(cfg)
     # the data changed under the same path
     meta = (data / "meta.json").read_text()
     (data / "meta.json").write_text(meta + "\n")
-    r = run(argv_("--resume"))
-    assert r.returncode == 2 and "not the data" in r.stderr
+    assert "not the data" in refused(argv_("--resume"), capsys)
     (data / "meta.json").write_text(meta)
     # nothing was touched by the refusals: a harmless change resumes and still matches
     r = run(argv_("--resume", "--checkpoint_interval", "5"))
@@ -147,6 +160,7 @@ def test_resume_refusals_and_harmless_changes(world, straight, tmp_path):  # noq
     assert_same_run(straight, tmp_path / "run")
 
 
+@pytest.mark.heavy  # the fault matrix's "corrupt latest checkpoint" and "truncated latest checkpoint" rows
 def test_corrupt_latest_falls_back_to_the_one_before(world, straight, tmp_path):  # noqa: F811
     dump = tmp_path / "run"
     assert run(args_for(world, dump), fault="after_step_10").returncode == -signal.SIGKILL

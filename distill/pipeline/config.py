@@ -34,7 +34,7 @@ FULL = Budget(corpus_lines=None, distil_epochs=1, distil_max_steps=None, batch_s
 # Quick: 38 fine-tuning steps need a higher learning rate to leave the majority class.
 QUICK = Budget(corpus_lines=3000, distil_epochs=1, distil_max_steps=30, batch_size=16, task_train=1200,
                task_dev=300, finetune_epochs=1.0, finetune_lr=(1e-4, 3e-4), checkpoint_interval=10,
-               in_domain_epochs=1, in_domain_max_steps=20, timing_examples=128, timing_repeats=5)
+               in_domain_epochs=1, in_domain_max_steps=20, timing_examples=64, timing_repeats=3)
 
 # General distillation for a teacher whose hidden states carry what it knows (a sentence encoder may
 # have no MLM head): cosine and MSE to its hidden states lead; the student's own MLM head is a light

@@ -374,7 +374,7 @@ def early_exit(cfg: PipelineConfig, teacher_ft: Path, task: Path, out: Path, bf1
             "--max_seq_length", str(cfg.max_seq_length), "--per_device_train_batch_size", "32",
             "--per_device_eval_batch_size", "64", "--learning_rate", str(b.finetune_lr[0]),
             "--num_train_epochs", str(b.finetune_epochs), "--seed", str(cfg.seeds[0]), "--logging_steps", "50",
-            "--timing_examples", "64" if cfg.quick else "256", "--timing_repeats", "3",
+            "--timing_examples", "32" if cfg.quick else "256", "--timing_repeats", "3",
             "--timing_points", "2", "--disable_tqdm"]
     if bf16:
         argv += ["--bf16"]
