@@ -882,3 +882,14 @@ def test_compiled_kernel_matches_eager():
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-5, atol=1e-4)
     for a, r in zip(gc, ge):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_few_unlabelled_rows_keep_their_gradients_and_many_go_through_the_projection():
+    """Causal LM leaves one row a sequence unlabelled: its kl gradient is kept with the labelled rows'
+    (one matmul through the projection in backward); MLM leaves most rows unlabelled: theirs go
+    through the projection as the chunks go. The parity tests above cover both paths' values."""
+    from distill.losses.fused import _kept_rows
+
+    assert _kept_rows(k_ce=120, k=128, chunk=64) == 128  # 8 unlabelled rows, at most a chunk
+    assert _kept_rows(k_ce=20, k=128, chunk=64) == 20  # 108 unlabelled rows
+    assert _kept_rows(k_ce=0, k=128, chunk=256) == 0  # no labels: nothing kept

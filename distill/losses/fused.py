@@ -63,7 +63,8 @@ class _Term:
 
     Rows are ordered so that the labelled ones (ce's) come first: on those, every loss keeps its logit
     gradient (``gd``) and backward combines them before one matmul through the projection; on the
-    others, kl and mse take theirs through it as the chunks go (``dx``, ``dw``, ``db``).
+    others, kl and mse take theirs through it as the chunks go (``dx``, ``dw``, ``db``). When the
+    others are few (causal LM: the last position of each sequence), they are kept too (``_Plan.k_kept``).
     """
 
     kind: str  # the kernel: "kl", "mse" or "ce"
@@ -72,7 +73,7 @@ class _Term:
     dx: Tensor | None = None  # (K, H) fp32
     dw: Tensor | None = None  # (V, H) fp32
     db: Tensor | None = None  # (V,) fp32, over every row
-    gd: Tensor | None = None  # (K_ce, V) in the compute dtype: the gradient on the labelled rows
+    gd: Tensor | None = None  # (K_kept, V) in the compute dtype: the gradient on the kept rows
     dw_written: bool = False  # dw holds a first product (it starts uninitialised)
 
 
@@ -88,6 +89,7 @@ class _Plan:
     terms: list[_Term]  # one per loss, in the order of the returned sums
     index: Tensor | None  # (K,) on the device: the rows of the flattened hidden, in that order; None = all N
     k_ce: int  # the first k_ce rows carry labels (0 without lm_ce)
+    k_kept: int  # the first k_kept rows keep their logit gradients for backward: k_ce, or K (see _kept_rows)
     labels: Tensor | None  # (K,) class ids of the rows, clamped to >= 0; only the first k_ce are read
     teacher: ProjectedLogits | Tensor | CachedTargets | TeacherEnsemble | None  # logits, uncomputed, cached
     compute_dtype: torch.dtype  # of the matmuls and of the kept logit gradients; softmaxes are fp32
@@ -197,11 +199,13 @@ class _ForwardPass:
         p, K, V, H = self.plan, self.K, self.V, self.x.shape[1]
         for term in p.terms:
             term.db = torch.zeros(V, dtype=torch.float32, device=self.dev) if p.need_b else None
-            if p.k_ce > 0:  # zeroed when the loss skips some labelled rows
-                term.gd = p.workspace.lease((p.k_ce, V), p.compute_dtype, self.dev)
+            if p.k_kept > 0:  # zeroed where the loss skips some kept rows
+                term.gd = p.workspace.lease((p.k_kept, V), p.compute_dtype, self.dev)
                 if term.kind != "ce" and term.rows is not None:
                     term.gd.zero_()
-            if term.kind != "ce" and p.k_ce < K:
+                elif term.kind == "ce" and p.k_ce < p.k_kept:
+                    term.gd[p.k_ce:].zero_()
+            if term.kind != "ce" and p.k_kept < K:
                 term.dx = torch.zeros(K, H, dtype=torch.float32, device=self.dev) if p.need_x else None
                 # written by the first flush (there is one: some rows are not labelled)
                 term.dw = torch.empty(V, H, dtype=torch.float32, device=self.dev) if p.need_w else None
@@ -223,16 +227,16 @@ class _ForwardPass:
         return out
 
     def run(self) -> list[Tensor]:
-        """Every chunk of the labelled rows, then of the others; the per-term sums of kernel rows."""
+        """Every chunk of the kept rows, then of the others; the per-term sums of kernel rows."""
         p = self.plan
-        for lo, hi in ((0, p.k_ce), (p.k_ce, self.K)):
+        for lo, hi in ((0, p.k_kept), (p.k_kept, self.K)):
             for a in range(lo, hi, p.chunk):
-                self._chunk(a, min(a + p.chunk, hi), labelled=lo == 0 and p.k_ce > 0)
+                self._chunk(a, min(a + p.chunk, hi), kept=lo == 0 and p.k_kept > 0)
         for i in range(len(p.terms)):
             self.flush(i)
         return self.totals
 
-    def _chunk(self, a: int, z: int, labelled: bool) -> None:
+    def _chunk(self, a: int, z: int, kept: bool) -> None:
         """Rows a..z-1: project the student (and the teacher), then each loss on the block."""
         p, n = self.plan, z - a
         s = self.project(self.x[a:z], self.w, self.b, self.scratch("s", n, p.compute_dtype))  # (n, V)
@@ -243,13 +247,14 @@ class _ForwardPass:
         for i in sorted(range(len(p.terms)), key=lambda i: p.terms[i].kind == "kl"):
             term = p.terms[i]
             if term.kind == "ce":
-                if not labelled:
+                m = min(z, p.k_ce) - a  # the labelled rows of the chunk come first
+                if m <= 0:
                     continue
                 # the labels' loss is on raw logits: s / scale
-                row, colsum = ce_rows_scaled(s, p.labels[a:z], term.gd[a:z] if p.need_grad else None, p.need_b,
-                                             mul=1.0 / p.scale, native=p.workspace.native)
+                row, colsum = ce_rows_scaled(s[:m], p.labels[a:a + m], term.gd[a:a + m] if p.need_grad else None,
+                                             p.need_b, mul=1.0 / p.scale, native=p.workspace.native)
             else:
-                done = self._teacher_loss(i, s, t, a, z, labelled)
+                done = self._teacher_loss(i, s, t, a, z, kept)
                 if done is None:
                     continue
                 row, colsum = done
@@ -258,9 +263,9 @@ class _ForwardPass:
                 term.db += colsum
 
     def _teacher_loss(self, i: int, s: Tensor, t: Tensor, a: int, z: int,
-                      labelled: bool) -> tuple[Tensor, Tensor | None] | None:
+                      kept: bool) -> tuple[Tensor, Tensor | None] | None:
         """kl or mse (term i) on the rows a..z-1 it covers, if any; their gradient goes to the term's
-        kept gradient (labelled rows) or to its group block."""
+        kept gradient (kept rows) or to its group block."""
         p, term = self.plan, self.plan.terms[i]
         local = None if term.rows is None else term.rows[a:z]
         sel = None
@@ -272,7 +277,7 @@ class _ForwardPass:
         sb = s if sel is None else s.index_select(0, sel)
         tb = t if sel is None or t is None else t.index_select(0, sel)
         g_out = None
-        if p.need_grad and labelled:  # kept for backward, at the rows' places
+        if p.need_grad and kept:  # kept for backward, at the rows' places
             g_out = term.gd[a:z] if sel is None else self.scratch("gsel", k, p.compute_dtype)
         elif p.need_grad:  # into the group block, taken through the projection when full
             g_out = self._group_rows(i, k, slice(a, z) if sel is None else a + sel)
@@ -285,7 +290,7 @@ class _ForwardPass:
             done = divergence_rows(p.divergence, sb, tb, g_out, p.workspace, p.need_b)
         else:
             done = mse_rows(sb, tb, g_out, p.need_b)
-        if p.need_grad and labelled and sel is not None:
+        if p.need_grad and kept and sel is not None:
             term.gd[a:z].index_copy_(0, sel, g_out)
         return done
 
@@ -339,7 +344,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
         totals = fp.run()
         ctx.terms = plan.terms if plan.need_grad else []
         ctx.x, ctx.w = (fp.x, fp.w) if plan.need_grad else (None, None)
-        ctx.index, ctx.n_rows, ctx.k_rows, ctx.k_ce = plan.index, fp.n_rows, fp.K, plan.k_ce
+        ctx.index, ctx.n_rows, ctx.k_rows, ctx.k_kept = plan.index, fp.n_rows, fp.K, plan.k_kept
         ctx.need = (plan.need_x, plan.need_w, plan.need_b)
         ctx.workspace = plan.workspace
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
@@ -363,24 +368,24 @@ class _ProjectedVocabLosses(torch.autograd.Function):
                 dw = term.dw.mul_(f) if dw is None else dw.addcmul_(term.dw, f)
             if term.db is not None:
                 db = term.db.mul_(f) if db is None else db.addcmul_(term.db, f)
-            if term.gd is not None:  # the labelled rows' gradients, combined
+            if term.gd is not None:  # the kept rows' gradients, combined
                 fg = f.to(term.gd.dtype)
                 g = term.gd.mul_(fg) if g is None else g.add_(term.gd.mul_(fg))
             term.dx = term.dw = term.db = term.gd = None
-        if g is not None:  # one matmul through the projection for the labelled rows (K_ce, V)
+        if g is not None:  # one matmul through the projection for the kept rows (K_kept, V)
             if need_x:
-                if dx is None and ctx.k_ce == ctx.k_rows and g.dtype == torch.float32:
+                if dx is None and ctx.k_kept == ctx.k_rows and g.dtype == torch.float32:
                     dx = torch.mm(g, ctx.w)
                 elif dx is None:
                     dx = torch.zeros(ctx.k_rows, ctx.x.shape[1], dtype=torch.float32, device=g.device)
-                    dx[:ctx.k_ce] = torch.mm(g, ctx.w)
+                    dx[:ctx.k_kept] = torch.mm(g, ctx.w)
                 else:
-                    dx[:ctx.k_ce] += torch.mm(g, ctx.w).float()
+                    dx[:ctx.k_kept] += torch.mm(g, ctx.w).float()
             if need_w:
                 first = dw is None
                 if first:  # written by the first product
                     dw = torch.empty(g.shape[1], ctx.x.shape[1], dtype=torch.float32, device=g.device)
-                _add_weight_grad(dw, g, ctx.x[:ctx.k_ce], ctx.workspace, first=first)
+                _add_weight_grad(dw, g, ctx.x[:ctx.k_kept], ctx.workspace, first=first)
             del g
         for block in kept:  # the logit gradients' memory, for the next forward
             ctx.workspace.release(block)
@@ -458,6 +463,18 @@ def _ordered_rows(kinds: list[str], row_masks: list[Tensor | None],
     return index, rows, k_ce
 
 
+def _kept_rows(k_ce: int, k: int, chunk: int) -> int:
+    """How many of the k rows keep their logit gradients for backward (the first ones): the k_ce
+    labelled rows, and the others too when they are at most a chunk. Kept gradients cost (rows, V)
+    of memory until backward; the others' go through the projection as the chunks go, into (V, H)
+    partials of their own, which costs a (V, H) pass or more however few the rows. In a causal-LM
+    batch only each sequence's last position is not labelled: with SmolLM2's (49,152, 576) that
+    partial cost about 80 ms a micro-batch of 8 x 128 tokens, for 8 rows."""
+    if k_ce == 0 or k - k_ce > chunk:
+        return k_ce
+    return k
+
+
 def _blocking(chunk_size: int | None, device: torch.device, cdt: torch.dtype, H: int, V: int
               ) -> tuple[int, int | None]:
     """Rows per chunk (``chunk_size`` when given) and vocabulary columns per matmul (None: all)."""
@@ -490,7 +507,8 @@ def _make_plan(hidden: Tensor, kinds: list[str], rows: list[Tensor | None], inde
         flat = flat if index is None else flat.index_select(0, index)
         flat = flat.clamp_min(0)  # ignored rows never reach the kernel; keep gather in range
     return _Plan(
-        terms=terms, index=index, k_ce=k_ce, labels=flat, teacher=teacher, compute_dtype=compute_dtype,
+        terms=terms, index=index, k_ce=k_ce, k_kept=_kept_rows(k_ce, n if index is None else int(index.numel()), chunk),
+        labels=flat, teacher=teacher, compute_dtype=compute_dtype,
         chunk=chunk, cols=cols, scale=scale, inv_t=1.0 / temperature, row_factor=row_factor,
         # Gradient rows go through the projection a group at a time: every chunk in fp32 (the weight
         # gradient accumulates in place), several in 16 bits (each group adds a (V, H) partial).
