@@ -12,7 +12,7 @@ import torch
 
 from distill import losses as L
 from distill.losses import native
-from distill.losses.kernels import LOGIT_FLOOR, Workspace, ce_rows, ce_rows_scaled, kl_rows
+from distill.losses.kernels import LOGIT_FLOOR, Workspace, ce_rows, ce_rows_scaled, kl_rows, scatter_columns_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +131,27 @@ def test_native_ce_rows_match_the_eager_kernel(dtype, g_dtype, mul, colsum):
         if colsum:
             torch.testing.assert_close(sums_n, sums_e, rtol=1e-4, atol=2e-3 if g_dtype == torch.bfloat16 else 1e-5)
     assert sums_n is None if (g_dtype is None or not colsum) else sums_n.shape == (1003,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scatter_columns_puts_the_values_scatter_puts(dtype):
+    """16-bit blocks are scattered through their bits (PyTorch's 16-bit CPU scatter is slow): the
+    result is scatter_'s, bit for bit, on a non-contiguous row slice too; a repeated id gets its value."""
+    g = torch.Generator().manual_seed(3)
+    block = torch.randn(40, 301, generator=g).to(dtype)
+    ids = torch.rand(40, 301, generator=g).argsort(1)[:, :17]
+    ids[:, 16] = ids[:, 2]  # an id given twice, with the same value (as the drawn tail tokens)
+    src = torch.randn(40, 17, generator=g)
+    src[:, 16] = src[:, 2]
+    want = block.float().scatter_(1, ids, src.to(dtype).float()).to(dtype)
+    got = block.clone()
+    assert scatter_columns_(got, ids, src) is got
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    part = block.clone()
+    scatter_columns_(part[5:25, 1:], ids[5:25] % 300, src[5:25])
+    assert torch.equal(part[5:25, 1:], block[5:25, 1:].clone().scatter_(1, ids[5:25] % 300, src[5:25].to(dtype)))
+    assert torch.equal(part[:5], block[:5]) and torch.equal(part[:, 0], block[:, 0])
 
 
 def _probe(env: dict) -> str:

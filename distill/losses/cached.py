@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.divergences import FORWARD_KL, Divergence
-from distill.losses.kernels import KERNEL_ROWS, LOGIT_FLOOR, Workspace
+from distill.losses.kernels import KERNEL_ROWS, LOGIT_FLOOR, Workspace, scatter_columns_
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -244,9 +244,9 @@ def cached_block_native(div: Divergence, a: Tensor, t: CachedTargets, g_out: Ten
         top = ph[:, :k] - P[:, :k] * c
     if not native.scaled_exp(a, lse, alpha, g_out):
         return None
-    g_out.scatter_(1, t.ids, top.to(g_out.dtype))
+    scatter_columns_(g_out, t.ids, top)
     if sampled:
-        g_out.scatter_(1, drawn, drawn_g.to(g_out.dtype))  # a token drawn twice gets the same value twice
+        scatter_columns_(g_out, drawn, drawn_g)  # a token drawn twice gets the same value twice
     return row, (g_out.float().sum(0) if colsum else None)
 
 

@@ -112,6 +112,22 @@ def loss_factors(kind: str, temperature: float = 1.0) -> tuple[float, float]:
     return {"kl": (t * t, t), "ce": (1.0, 1.0), "mse": (1.0, 2.0)}[kind]
 
 
+def scatter_columns_(g: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``g.scatter_(1, index, src)``, fast for 16-bit blocks on the CPU as well.
+
+    PyTorch's CPU scatter into a bf16 or fp16 tensor costs about a pass over the whole tensor
+    (torch 2.13: 35 ms for 64 ids a row into a (384, 49,152) bf16 block, against 0.1 ms in fp32). A
+    scatter only moves values, so 16-bit blocks are scattered through their bits as int16: the same
+    values land where ``scatter_`` puts them (for an id given twice in a row, the last one).
+    """
+    src = src.to(g.dtype)
+    if g.device.type == "cpu" and g.dtype in (torch.bfloat16, torch.float16):
+        g.view(torch.int16).scatter_(1, index, src.view(torch.int16))
+    else:
+        g.scatter_(1, index, src)
+    return g
+
+
 def floored_copy(x: Tensor, scale: float = 1.0) -> Tensor:
     """A float32 copy of logits ``x`` times ``scale``, floored at :data:`LOGIT_FLOOR` (after scaling,
     so that a scale above 1 cannot push a floored value back to -inf)."""
@@ -238,7 +254,7 @@ def _ce_rows_native(s: Tensor, y: Tensor, g_out: Tensor | None, colsum: bool, mu
         return row, None
     if not native.scaled_exp(s, lse, torch.ones_like(lse), g_out, mul=mul):
         return None
-    g_out.scatter_(1, yy, log_py.exp().sub_(1.0).unsqueeze(1).to(g_out.dtype))  # p_y - 1, rounded once
+    scatter_columns_(g_out, yy, log_py.exp().sub_(1.0).unsqueeze(1))  # p_y - 1, rounded once
     return row, (g_out.float().sum(0) if colsum else None)
 
 
