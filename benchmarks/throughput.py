@@ -285,6 +285,9 @@ def build_distiller(args, data: Path, device: torch.device) -> tuple[Distiller, 
     teacher = build_model("bert", {"model_type": "bert", **t_cfg})
     student = build_model("distilbert", {"model_type": "distilbert", **s_cfg},
                           overrides={"initializer_range": cfg.initializer_range})
+    # As train.py loads a teacher (distill.training.load_teacher): in the run's teacher dtype (bf16 with
+    # --bf16), without gradients.
+    teacher.to(cfg.teacher_torch_dtype(cuda=device.type == "cuda")).requires_grad_(False)
     special = meta["special_token_ids"]
     probs = mlm_token_probs(token_counts(data, meta), cfg.mlm_smoothing, sorted(set(special.values())))
     collator = Collator(special["pad_token"], mlm=True, mask_id=special["mask_token"], token_probs=probs,
