@@ -41,7 +41,7 @@ from distill.distributed import (
 )
 from distill.errors import UserError
 from distill.losses.terms import TERMS, TermContext
-from distill.memory import fix_mmap_threshold
+from distill.memory import EmbeddingRowGrads, fix_mmap_threshold
 from distill.testing import faults
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,12 @@ class Distiller:
             self.model = shard(self.student, self.projection, self.teachers, param_dtype)
         else:
             self.model = wrap(self.dist, self.student, self.projection)
+        # One eager process on the CPU: a tied input embedding's gradient goes into the projection's weight
+        # gradient as rows, not through a fresh (V, H) block every backward (distill.memory).
+        self.embedding_rows = None
+        if (device.type == "cpu" and not self.dist.enabled
+                and not isinstance(self.student, torch._dynamo.eval_frame.OptimizedModule)):
+            self.embedding_rows = EmbeddingRowGrads.install(self.student)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
         self.loss_workspace = L.Workspace()
         self.divergence = cfg.soft_divergence()  # of the soft-target loss
@@ -327,6 +333,8 @@ class Distiller:
                     loss = loss * float("nan")
                 scaled = loss * world if world > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                if self.embedding_rows is not None:
+                    self.embedding_rows.flush()
             loss_total += loss.detach()
         grad_norm = self.optimize(loss_total)
         return StepResult(grad_norm is None, loss_total, parts, tokens, grad_norm)

@@ -20,6 +20,8 @@ import ctypes.util
 import os
 import sys
 
+import torch
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 DEFAULT_MMAP_THRESHOLD = 16 * 2**20
 _ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own tunable: a user's setting wins
@@ -42,3 +44,70 @@ def fix_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
+
+
+class EmbeddingRowGrads:
+    """The gradient of an input embedding whose weight is tied to the output projection's, added as rows
+    into the weight's gradient after each backward, instead of through a dense (V, H) block.
+
+    PyTorch's embedding backward makes a zero (V, H) fp32 block on every backward, adds the batch's
+    rows into it, and autograd adds that block to the projection's (V, H) weight gradient. On the CPU a
+    block of that size is mapped afresh each time (:func:`fix_mmap_threshold`), so all its pages fault
+    in again: for SmolLM2's (49,152, 576) that is 113 MB, 100-180 ms a micro-batch
+    (benchmarks/README.md). Installed on the embedding module, its backward hands the weight no
+    gradient and keeps the rows (the token ids, the gradient of their vectors); :meth:`flush`, called
+    once the backward has returned, adds them into ``weight.grad`` with ``index_add_``. The sum is the
+    same; its order differs (the rows are added to the projection's gradient, not summed apart
+    first), so results agree with the dense path to float rounding, not bit for bit.
+
+    For one eager process only: DistributedDataParallel and FSDP reduce gradients during the backward,
+    before the rows are added. :meth:`install` checks the module (a plain ``nn.Embedding``, without
+    ``max_norm`` or ``scale_grad_by_freq``, tied to the output projection) and leaves others alone.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        self.embedding = embedding
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def install(cls, model: torch.nn.Module) -> EmbeddingRowGrads | None:
+        get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+        if get_in is None or get_out is None:
+            return None
+        emb, head = get_in(), get_out()
+        if (type(emb) is not torch.nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight
+                or not emb.weight.requires_grad or emb.max_norm is not None or emb.scale_grad_by_freq
+                or emb.sparse or "forward" in vars(emb)):
+            return None
+        rows = cls(emb)
+        emb.forward = rows.forward  # an instance attribute: the class and its other instances are untouched
+        return rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _EmbeddingRows.apply(ids, self.embedding.weight, self)
+
+    def flush(self) -> None:
+        """Add the rows of the backwards since the last flush into the weight's gradient."""
+        w = self.embedding.weight
+        for ids, g in self.pending:
+            if w.grad is None:  # no vocabulary loss: the rows are the weight's only gradient
+                w.grad = torch.zeros_like(w)
+            w.grad.index_add_(0, ids, g.to(w.grad.dtype))
+        self.pending.clear()
+
+
+class _EmbeddingRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, rows: EmbeddingRowGrads) -> torch.Tensor:
+        ctx.rows, ctx.ids = rows, ids
+        return torch.nn.functional.embedding(ids, weight, rows.embedding.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ids, g = ctx.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        pad = ctx.rows.embedding.padding_idx
+        if pad is not None:  # as the dense backward: no gradient at the padding index
+            keep = ids != pad
+            ids, g = ids[keep], g[keep]
+        ctx.rows.pending.append((ids, g))
+        return None, None, None

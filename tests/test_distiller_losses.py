@@ -170,3 +170,28 @@ def test_train_config_built_in_python_is_validated(world):  # noqa: F811
             TrainConfig(**{**base, **bad})
     assert TrainConfig(**base).loss_weights() == {"ce": 0.5, "mlm": 1.0, "clm": 0.0, "mse": 0.0, "cos": 0.0,
                                                   "hidden_mse": 0.0}
+
+
+@pytest.mark.parametrize("kind", ["mlm", "clm"])
+def test_a_tied_embeddings_rows_give_the_steps_dense_gradients(world, kind):  # noqa: F811
+    """On the CPU the Distiller adds a tied input embedding's gradient into the projection's as rows
+    (distill.memory.EmbeddingRowGrads): over a step of two micro-batches, every gradient matches the one
+    of PyTorch's dense embedding backward to float rounding."""
+    grads = {}
+    for mode in ("rows", "dense"):
+        d, micro = _distiller(world, kind)
+        assert d.embedding_rows is not None
+        if mode == "dense":  # the module's own forward again
+            del d.embedding_rows.embedding.forward
+            d.embedding_rows = None
+
+        def capture(loss_total, d=d, mode=mode):
+            grads[mode] = {n: p.grad.clone() for n, p in d.student.named_parameters() if p.grad is not None}
+            d.optimizer.zero_grad(set_to_none=True)
+            return None
+
+        d.optimize = capture
+        d.step(micro)
+    assert set(grads["rows"]) == set(grads["dense"])
+    for name, g in grads["dense"].items():
+        torch.testing.assert_close(grads["rows"][name], g, rtol=1e-5, atol=1e-7, msg=name)

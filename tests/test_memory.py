@@ -46,3 +46,75 @@ print(rss())
         out[mode] = int(r.stdout.strip())
     print(out)
     assert out["fixed"] < out["dynamic"] - 20, out
+
+
+# -- EmbeddingRowGrads: a tied input embedding's gradient added as rows ---------------------------
+
+
+def _tiny_llama(seed: int = 0, tied: bool = True):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=tied, pad_token_id=3)
+    return LlamaForCausalLM(cfg).train()
+
+
+def _grads(model, ids, head: bool, rows=None, steps: int = 2):
+    """Gradients after ``steps`` backwards (accumulated), with the rows flushed after each."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    for i in range(steps):
+        torch.manual_seed(10 + i)  # the same dropout in both runs (none in this config, to be safe)
+        out = model(input_ids=ids, output_hidden_states=True)
+        loss = out.hidden_states[1].square().mean()  # a gradient into the embedding through the layers
+        if head:
+            loss = loss + torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
+        loss.backward()
+        if rows is not None:
+            rows.flush()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_embedding_rows_give_the_dense_gradient(head):
+    """With a vocabulary loss (the rows land in the projection's gradient) and without one (they are the
+    weight's only gradient), over two accumulated backwards, with padding tokens in the batch: the
+    gradients of every parameter match the dense embedding backward's to float rounding, and the
+    padding index gets no gradient from the embedding."""
+    import torch
+
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
+    ids[0, -3:] = 3  # padding
+    dense_model, rows_model = _tiny_llama(), _tiny_llama()
+    dense = _grads(dense_model, ids, head)
+    rows = memory.EmbeddingRowGrads.install(rows_model)
+    assert rows is not None
+    got = _grads(rows_model, ids, head, rows)
+    assert set(got) == set(dense)
+    for name in dense:
+        torch.testing.assert_close(got[name], dense[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert not rows.pending
+    w = rows_model.get_input_embeddings().weight
+    assert w.grad.layout == torch.strided
+    if not head:
+        assert torch.equal(w.grad[3], torch.zeros(16))  # the padding row: no gradient
+        assert w.grad.abs().sum() > 0
+
+
+def test_embedding_rows_install_only_on_a_tied_plain_embedding():
+    import torch
+
+    assert memory.EmbeddingRowGrads.install(_tiny_llama(tied=False)) is None
+    frozen = _tiny_llama()
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert memory.EmbeddingRowGrads.install(frozen) is None
+    model = _tiny_llama()
+    assert memory.EmbeddingRowGrads.install(model) is not None
+    assert memory.EmbeddingRowGrads.install(model) is None  # once
+    assert memory.EmbeddingRowGrads.install(torch.nn.Linear(2, 2)) is None
+    other = torch.nn.Embedding(5, 2)
+    assert "forward" not in vars(other)  # the class is untouched
