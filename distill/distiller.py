@@ -41,7 +41,7 @@ from distill.distributed import (
 )
 from distill.errors import UserError
 from distill.losses.terms import TERMS, TermContext
-from distill.memory import EmbeddingRowGrads, fix_mmap_threshold
+from distill.memory import EmbeddingRowGrads, fix_mmap_threshold, limit_onednn_cache
 from distill.testing import faults
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Distiller:
         self.dist = dist if dist is not None else DistEnv(device=device)
         if device.type == "cpu":  # the step's large host blocks go back to the system (distill.memory)
             fix_mmap_threshold()
+            limit_onednn_cache()
         self.student = student.to(device).train()
         # No teacher: its soft targets come with each batch, from a teacher cache (the collator's).
         self.teacher = None if teacher is None else teacher.to(device).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,15 @@ def test_a_users_setting_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert memory.fix_mmap_threshold() is False
 
+
+
+def test_the_onednn_cache_is_capped_unless_the_user_set_it(monkeypatch):
+    monkeypatch.delenv(memory.ONEDNN_CACHE_ENV, raising=False)
+    assert memory.limit_onednn_cache(64) is True
+    assert os.environ[memory.ONEDNN_CACHE_ENV] == "64"
+    monkeypatch.setenv(memory.ONEDNN_CACHE_ENV, "512")
+    assert memory.limit_onednn_cache() is False
+    assert os.environ[memory.ONEDNN_CACHE_ENV] == "512"
 
 @pytest.mark.skipif(not _glibc(), reason="glibc only")
 def test_large_freed_blocks_go_back_to_the_system():
