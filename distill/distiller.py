@@ -334,8 +334,6 @@ class Distiller:
                     loss = loss * float("nan")
                 scaled = loss * world if world > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                if self.embedding_rows is not None:
-                    self.embedding_rows.flush()
             loss_total += loss.detach()
         grad_norm = self.optimize(loss_total)
         return StepResult(grad_norm is None, loss_total, parts, tokens, grad_norm)

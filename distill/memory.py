@@ -77,8 +77,10 @@ class EmbeddingRowGrads:
     block of that size is mapped afresh each time (:func:`fix_mmap_threshold`), so all its pages fault
     in again: for SmolLM2's (49,152, 576) that is 113 MB, 100-180 ms a micro-batch
     (benchmarks/README.md). Installed on the embedding module, its backward hands the weight no
-    gradient and keeps the rows (the token ids, the gradient of their vectors); :meth:`flush`, called
-    once the backward has returned, adds them into ``weight.grad`` with ``index_add_``. The sum is the
+    gradient and keeps the rows (the token ids, the gradient of their vectors); :meth:`flush`, which the
+    backward queues to run when it has finished (as DistributedDataParallel queues its reductions), adds
+    them into ``weight.grad`` with ``index_add_``. Any backward through the module does this, inside or
+    outside the Distiller. The sum is the
     same; its order differs (the rows are added to the projection's gradient, not summed apart
     first), so results agree with the dense path to float rounding, not bit for bit.
 
@@ -131,5 +133,8 @@ class _EmbeddingRows(torch.autograd.Function):
         if pad is not None:  # as the dense backward: no gradient at the padding index
             keep = ids != pad
             ids, g = ids[keep], g[keep]
-        ctx.rows.pending.append((ids, g))
+        rows = ctx.rows
+        if not rows.pending:  # the first rows of this backward: added to the gradient once it has finished
+            torch.autograd.Variable._execution_engine.queue_callback(rows.flush)
+        rows.pending.append((ids, g))
         return None, None, None
