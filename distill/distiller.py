@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -125,8 +126,9 @@ class Distiller:
         # One eager process on the CPU: a tied input embedding's gradient goes into the projection's weight
         # gradient as rows, not through a fresh (V, H) block every backward (distill.memory).
         self.embedding_rows = None
-        if (device.type == "cpu" and not self.dist.enabled
-                and not isinstance(self.student, torch._dynamo.eval_frame.OptimizedModule)):
+        dynamo = sys.modules.get("torch._dynamo")  # loaded if the student was compiled (importing it costs ~1 s)
+        compiled = dynamo is not None and isinstance(self.student, dynamo.eval_frame.OptimizedModule)
+        if device.type == "cpu" and not self.dist.enabled and not compiled:
             self.embedding_rows = EmbeddingRowGrads.install(self.student)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
         self.loss_workspace = L.Workspace()
