@@ -79,10 +79,11 @@ class EmbeddingRowGrads:
     (benchmarks/README.md). Installed on the embedding module, its backward hands the weight no
     gradient and keeps the rows (the token ids, the gradient of their vectors); :meth:`flush`, which the
     backward queues to run when it has finished (as DistributedDataParallel queues its reductions), adds
-    them into ``weight.grad`` with ``index_add_``. Any backward through the module does this, inside or
-    outside the Distiller. The sum is the
-    same; its order differs (the rows are added to the projection's gradient, not summed apart
-    first), so results agree with the dense path to float rounding, not bit for bit.
+    them into ``weight.grad`` with ``index_add_``. Any ``backward()`` through the module does this,
+    inside or outside the Distiller (``torch.autograd.grad`` would too, although it should leave
+    ``.grad`` alone; nothing here calls it). The sum is the same; its order differs (the rows are added
+    to the projection's gradient, not summed apart first), so results agree with the dense path to
+    float rounding, not bit for bit.
 
     For one eager process only: DistributedDataParallel and FSDP reduce gradients during the backward,
     before the rows are added. :meth:`install` checks the module (a plain ``nn.Embedding``, without

@@ -68,7 +68,7 @@ def _tiny_llama(seed: int = 0, tied: bool = True):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                      tie_word_embeddings=tied, pad_token_id=3)
+                      tie_word_embeddings=tied, pad_token_id=3, attention_dropout=0.1)  # dropout on
     return LlamaForCausalLM(cfg).train()
 
 
@@ -78,7 +78,7 @@ def _grads(model, ids, head: bool, rows=None, steps: int = 2):
 
     model.zero_grad(set_to_none=True)
     for i in range(steps):
-        torch.manual_seed(10 + i)  # the same dropout in both runs (none in this config, to be safe)
+        torch.manual_seed(10 + i)  # the same dropout masks in both runs
         out = model(input_ids=ids, output_hidden_states=True)
         loss = out.hidden_states[1].square().mean()  # a gradient into the embedding through the layers
         if head:
