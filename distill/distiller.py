@@ -132,6 +132,10 @@ class Distiller:
             self.embedding_rows = EmbeddingRowGrads.install(self.student)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
         self.loss_workspace = L.Workspace()
+        # One process on the CPU: the projection's weight gradient goes back to the workspace when cleared,
+        # for the next step's (L.Workspace.recycle). Several hold their gradients in their own buckets.
+        proj = L.output_projection(self.student) if device.type == "cpu" and not self.dist.enabled else None
+        self._recycled_grad = None if proj is None else proj.weight
         self.divergence = cfg.soft_divergence()  # of the soft-target loss
 
         self.dataset = dataset
@@ -360,7 +364,7 @@ class Distiller:
         if self.dist.enabled:  # one decision for all: every rank skips, or none
             finite = self.dist.all_reduce(finite.to(torch.int32), torch.distributed.ReduceOp.MIN)
         if not bool(finite):  # the guard is the step's one host sync
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_grads()
             if self.scaler is not None:
                 self.scaler.update()  # the unscale_ above must be closed by an update
             return None
@@ -376,8 +380,14 @@ class Distiller:
             self.optimizer.step()
         if stepped:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._clear_grads()
         return grad_norm
+
+    def _clear_grads(self) -> None:
+        w = self._recycled_grad
+        if w is not None and w.grad is not None:
+            self.loss_workspace.recycle(w.grad)
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -195,3 +195,44 @@ def test_a_tied_embeddings_rows_give_the_steps_dense_gradients(world, kind):  # 
     assert set(grads["rows"]) == set(grads["dense"])
     for name, g in grads["dense"].items():
         torch.testing.assert_close(grads["rows"][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "clm"])
+def test_the_projections_weight_gradient_is_recycled_and_changes_nothing(world, kind):  # noqa: F811
+    """On the CPU, the projection's weight gradient goes back to the loss workspace when cleared and the
+    next step's is written into the same memory (L.Workspace.recycle): no fresh (V, H) block, and the
+    same parameters after three steps as with a fresh block every step, bit for bit."""
+    finals, ptrs = {}, {}
+    for mode in ("recycled", "fresh"):
+        d, micro = _distiller(world, kind)
+        proj = L.output_projection(d.student)
+        assert d._recycled_grad is proj.weight
+        if mode == "fresh":
+            d._recycled_grad = None
+        seen = ptrs[mode] = []
+        step = d.optimizer.step
+
+        def stepped(*a, seen=seen, step=step, proj=proj, **k):
+            seen.append(proj.weight.grad.data_ptr())
+            return step(*a, **k)
+
+        d.optimizer.step = stepped
+        ws, reused = d.loss_workspace, []
+        vocab_grad = ws.vocab_grad
+
+        def tracked(*a, ws=ws, vocab_grad=vocab_grad, reused=reused):
+            spare = ws.spare_grad
+            out = vocab_grad(*a)
+            reused.append(spare is not None and out is spare)
+            return out
+
+        ws.vocab_grad = tracked
+        for _ in range(3):
+            d.step(micro)
+            assert (ws.spare_grad is not None) == (mode == "recycled")
+        finals[mode] = {n: p.detach().clone() for n, p in d.student.named_parameters()}
+        # two micro-batches a step: the first takes the spare, the second's is added into .grad
+        assert any(reused) == (mode == "recycled")
+    assert len(set(ptrs["recycled"])) == 1  # the first step's block, every step
+    for name, p in finals["fresh"].items():
+        assert torch.equal(finals["recycled"][name], p), name

@@ -893,3 +893,37 @@ def test_few_unlabelled_rows_keep_their_gradients_and_many_go_through_the_projec
     assert _kept_rows(k_ce=120, k=128, chunk=64) == 128  # 8 unlabelled rows, at most a chunk
     assert _kept_rows(k_ce=20, k=128, chunk=64) == 20  # 108 unlabelled rows
     assert _kept_rows(k_ce=0, k=128, chunk=256) == 0  # no labels: nothing kept
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_projected_forward_kl_writes_the_unlabelled_rows_gradient_over_the_students_block(native):
+    """fp32 forward KL: the gradient of the rows without labels overwrites the student's (chunk, V) block
+    and goes through the projection at once, so no group block is made; the labelled rows keep theirs,
+    ce's only for its own rows. Values and gradients are the unfused ones."""
+    h0, w0, b0, th, tw, tb, labels = _proj_case(11)
+    teacher_logits = F.linear(th, tw, tb)
+    for chunk in (3, 100):  # 100: the few unlabelled rows are kept too, and ce's block is smaller than kl's
+        ws = Lmod.Workspace(native=native)
+        h, w, b = _params(h0, w0, b0)
+        out = projected_vocab_losses(h, w, b, teacher=ProjectedLogits(th, tw, tb), temperature=2.0, soft_target=True,
+                                     labels=labels, chunk_size=chunk, workspace=ws)
+        grads = torch.autograd.grad(0.7 * out["soft_target_ce"] + 1.3 * out["lm_ce"], [h, w, b])
+        assert not any(name.startswith("group") for name, _ in ws.buffers)
+        k_ce, k = int((labels != -100).sum()), B * L
+        kept = sorted(blk.numel() // V for blk in ws.free)
+        assert kept == ([k_ce, k] if k - k_ce <= max(1, chunk // 4) else [k_ce, k_ce])
+        rh, rw, rb = _params(h0, w0, b0)
+        logits = F.linear(rh, rw, rb)
+        ref = {"soft_target_ce": soft_target_ce(logits, teacher_logits, 2.0), "lm_ce": lm_ce(logits, labels)}
+        ref_grads = torch.autograd.grad(0.7 * ref["soft_target_ce"] + 1.3 * ref["lm_ce"], [rh, rw, rb])
+        for key in ref:
+            torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-4)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    # 16-bit compute still gathers two chunks' rows in a group block before the (V, H) partial
+    ws = Lmod.Workspace(native=native)
+    h, w, b = _params(h0, w0, b0)
+    out = projected_vocab_losses(h, w, b, teacher=ProjectedLogits(th, tw, tb), soft_target=True, labels=labels,
+                                 chunk_size=3, workspace=ws, compute_dtype=torch.bfloat16)
+    out["soft_target_ce"].backward()
+    assert ("group0", torch.bfloat16) in ws.buffers

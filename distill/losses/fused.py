@@ -151,6 +151,11 @@ class _ForwardPass:
         self.dev = self.x.device
         self.cols = self.V if p.cols is None else p.cols
         self._teacher_operands()
+        # The forward-KL kernels (native, eager) read a row's logits before they write its gradient, so
+        # in fp32 the unlabelled rows' gradient can overwrite the student's block and go through the
+        # projection at once (group = chunk there): no group block. Not through torch.compile's kernel.
+        self.kl_in_place = (cdt == torch.float32 and self.t_cached is None and p.divergence.is_forward_kl
+                            and p.workspace.compiled_kl is None)
         self.totals = [torch.zeros((), dtype=torch.float32, device=self.dev) for _ in p.terms]
         self.pending: list[list] = [[] for _ in p.terms]  # per kl/mse term: (rows in its group block, positions)
         if p.need_grad:
@@ -199,16 +204,17 @@ class _ForwardPass:
         p, K, V, H = self.plan, self.K, self.V, self.x.shape[1]
         for term in p.terms:
             term.db = torch.zeros(V, dtype=torch.float32, device=self.dev) if p.need_b else None
-            if p.k_kept > 0:  # zeroed where the loss skips some kept rows
-                term.gd = p.workspace.lease((p.k_kept, V), p.compute_dtype, self.dev)
+            # Kept rows' logit gradients: ce's are its labelled rows only (backward adds them into the
+            # first k_ce rows of the others'); zeroed where the loss skips some kept rows.
+            kept = p.k_ce if term.kind == "ce" else p.k_kept
+            if kept > 0:
+                term.gd = p.workspace.lease((kept, V), p.compute_dtype, self.dev)
                 if term.kind != "ce" and term.rows is not None:
                     term.gd.zero_()
-                elif term.kind == "ce" and p.k_ce < p.k_kept:
-                    term.gd[p.k_ce:].zero_()
             if term.kind != "ce" and p.k_kept < K:
                 term.dx = torch.zeros(K, H, dtype=torch.float32, device=self.dev) if p.need_x else None
                 # written by the first flush (there is one: some rows are not labelled)
-                term.dw = torch.empty(V, H, dtype=torch.float32, device=self.dev) if p.need_w else None
+                term.dw = p.workspace.vocab_grad((V, H), self.dev) if p.need_w else None
                 term.dw_written = False
 
     def scratch(self, name: str, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -276,9 +282,11 @@ class _ForwardPass:
         k = z - a if sel is None else int(sel.numel())
         sb = s if sel is None else s.index_select(0, sel)
         tb = t if sel is None or t is None else t.index_select(0, sel)
-        g_out = None
+        g_out = at_once = None
         if p.need_grad and kept:  # kept for backward, at the rows' places
             g_out = term.gd[a:z] if sel is None else self.scratch("gsel", k, p.compute_dtype)
+        elif p.need_grad and term.kind == "kl" and self.kl_in_place:  # over the student's logits (kl is last)
+            g_out, at_once = sb, slice(a, z) if sel is None else a + sel
         elif p.need_grad:  # into the group block, taken through the projection when full
             g_out = self._group_rows(i, k, slice(a, z) if sel is None else a + sel)
         if term.kind == "kl" and self.t_cached is not None:  # 1/T is folded (no mse from a cache)
@@ -292,6 +300,8 @@ class _ForwardPass:
             done = mse_rows(sb, tb, g_out, p.need_b)
         if p.need_grad and kept and sel is not None:
             term.gd[a:z].index_copy_(0, sel, g_out)
+        if at_once is not None:
+            self._through_projection(term, g_out, at_once)
         return done
 
     def _group_rows(self, i: int, k: int, positions: slice | Tensor) -> Tensor:
@@ -315,11 +325,16 @@ class _ForwardPass:
         if all(isinstance(q[1], slice) for q in parts) and all(
                 r[1].start == q[1].stop for q, r in zip(parts, parts[1:])):
             where: slice | Tensor = slice(parts[0][1].start, parts[-1][1].stop)
-            xr = self.x[where]
         else:
             where = torch.cat([q[1] if isinstance(q[1], Tensor) else
                                torch.arange(q[1].start, q[1].stop, device=self.dev) for q in parts])
-            xr = self.x.index_select(0, where)
+        self._through_projection(term, g, where)
+        parts.clear()
+
+    def _through_projection(self, term: _Term, g: Tensor, where: slice | Tensor) -> None:
+        """The gradient rows ``g`` of the rows at ``where`` into the term's dx and dw."""
+        p = self.plan
+        xr = self.x[where] if isinstance(where, slice) else self.x.index_select(0, where)
         if term.dx is not None:
             if p.compute_dtype == torch.float32 and isinstance(where, slice):
                 torch.mm(g, self.w, out=term.dx[where])
@@ -328,7 +343,6 @@ class _ForwardPass:
         if term.dw is not None:
             _add_weight_grad(term.dw, g, xr, p.workspace, first=not term.dw_written)
             term.dw_written = True
-        parts.clear()
 
 
 # --------------------------------------------------------------------------- autograd
@@ -368,9 +382,14 @@ class _ProjectedVocabLosses(torch.autograd.Function):
                 dw = term.dw.mul_(f) if dw is None else dw.addcmul_(term.dw, f)
             if term.db is not None:
                 db = term.db.mul_(f) if db is None else db.addcmul_(term.db, f)
-            if term.gd is not None:  # the kept rows' gradients, combined
-                fg = f.to(term.gd.dtype)
-                g = term.gd.mul_(fg) if g is None else g.add_(term.gd.mul_(fg))
+            if term.gd is not None:  # the kept rows' gradients, combined (ce's may be fewer: the first rows)
+                gd = term.gd.mul_(f.to(term.gd.dtype))
+                if g is None:
+                    g = gd
+                else:
+                    if gd.shape[0] > g.shape[0]:
+                        g, gd = gd, g
+                    g[:gd.shape[0]].add_(gd)
             term.dx = term.dw = term.db = term.gd = None
         if g is not None:  # one matmul through the projection for the kept rows (K_kept, V)
             if need_x:
@@ -384,7 +403,7 @@ class _ProjectedVocabLosses(torch.autograd.Function):
             if need_w:
                 first = dw is None
                 if first:  # written by the first product
-                    dw = torch.empty(g.shape[1], ctx.x.shape[1], dtype=torch.float32, device=g.device)
+                    dw = ctx.workspace.vocab_grad((g.shape[1], ctx.x.shape[1]), g.device)
                 _add_weight_grad(dw, g, ctx.x[:ctx.k_kept], ctx.workspace, first=first)
             del g
         for block in kept:  # the logit gradients' memory, for the next forward
@@ -469,8 +488,11 @@ def _kept_rows(k_ce: int, k: int, chunk: int) -> int:
     of memory until backward; the others' go through the projection as the chunks go, into (V, H)
     partials of their own, which costs a (V, H) pass or more however few the rows. In a causal-LM
     batch only each sequence's last position is not labelled: with SmolLM2's (49,152, 576) that
-    partial cost about 80 ms a micro-batch of 8 x 128 tokens, for 8 rows."""
-    if k_ce == 0 or k - k_ce > chunk:
+    partial cost about 80 ms a micro-batch of 8 x 128 tokens, for 8 rows. Up to a quarter of a chunk:
+    more would make the kept blocks (the largest asked for are held from step to step) hold rows that
+    the chunks take through the projection at no memory cost (an MLM batch of short sequences, whose
+    unlabelled rows are most of them)."""
+    if k_ce == 0 or k - k_ce > max(1, chunk // 4):
         return k_ce
     return k
 
