@@ -159,3 +159,38 @@ def test_the_benchmark_prints_the_measurement(cache_dir, capsys):
     assert set(rec["us_per_row"]) == {f"cols={c}" for c in blocking.COL_CANDIDATES if c < 16384} | {
         f"rows={r}" for r in blocking.ROW_CANDIDATES}
     assert not cache_dir.exists()  # the benchmark neither reads nor writes the file
+
+
+def test_the_layout_benchmark_times_every_variant(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("projection_layout", ROOT / "benchmarks" / "projection_layout.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = mod.main(["--rows", "16", "--hidden", "16", "--vocab", "1000", "--cols", "256", "512",
+                    "--rounds", "2", "--reps", "1", "--matmul_size", "64"])
+    assert json.loads(capsys.readouterr().out) == rec
+    assert set(rec["median_gflops"]) == {"256", "512"} and {"cpu", "isa"} <= set(rec)
+    names = {"rows", "cols", "cols_copied", "dx_rows", "dx_cols", "dw_rows", "dw_cols"}
+    for cols in ("256", "512"):
+        assert set(rec["median_gflops"][cols]) == names
+        assert all(v > 0 for v in rec["median_gflops"][cols].values())
+        assert all(lo <= hi for lo, hi in rec["range_gflops"][cols].values())
+
+
+def test_the_layouts_compute_the_same_products():
+    """Each layout's block holds the same logits, so the benchmark compares one product written two ways."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("projection_layout", ROOT / "benchmarks" / "projection_layout.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    vs, t = mod.variants(8, 16, 700, 256)
+    want = t["x"] @ t["w"].t()
+    vs["rows"][0]()
+    torch.testing.assert_close(t["block"], want)
+    vs["cols"][0]()
+    torch.testing.assert_close(t["block_t"].t(), want)
+    t["block"].zero_()
+    vs["cols_copied"][0]()
+    torch.testing.assert_close(t["block"], want)
