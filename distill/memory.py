@@ -9,8 +9,9 @@ gradients and the fp32 weight gradients. Measured on the loss alone, bf16, MLM o
 batch shapes, over 100 calls: RSS 378 -> 2,246 MB with the dynamic threshold, 345 -> 520 MB with it
 fixed at 8 MB, and 349 -> 570 MB at 16 MB. 16 MB is the default because 8 MB made bf16 with
 --restrict_ce_to_mask 27% slower: its logit-gradient blocks, about 9 MB, were then mapped afresh on
-every call. What growth remains levels off; it is the math library's cache of one kernel per matmul
-shape. The training benchmark was no slower with the fixed threshold (benchmarks/README.md).
+every call. What growth remains in bf16 is oneDNN's and ideep's caches of one entry per matmul
+shape, which :func:`limit_onednn_cache` caps. The training benchmark was no slower with the fixed
+threshold (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -46,26 +47,35 @@ def fix_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     return mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 
-ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-DEFAULT_ONEDNN_CACHE = 128
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's own cache of compiled primitives
+IDEEP_CACHE_ENV = "LRU_CACHE_CAPACITY"  # ideep's (PyTorch's wrapper of oneDNN) cache of matmul objects
+DEFAULT_ONEDNN_CACHE = 64
 
 
-def limit_onednn_cache(capacity: int = DEFAULT_ONEDNN_CACHE) -> bool:
-    """Cap oneDNN's cache of compiled primitives (bf16 matmuls on the CPU go through oneDNN) at
-    ``capacity``, from its default of 1,024.
+def limit_onednn_cache(capacity: int = DEFAULT_ONEDNN_CACHE) -> tuple[str, ...]:
+    """Cap the two caches that keep one entry per matmul shape for bf16 matmuls on the CPU at
+    ``capacity`` entries each: oneDNN's cache of compiled primitives (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``)
+    and ideep's cache of the matmul objects PyTorch builds on them (``LRU_CACHE_CAPACITY``). Both hold
+    1,024 by default. Forward and backward matmuls of 37 shapes kept 32 MB with the defaults and 4 MB
+    with both at 4 (``tests/test_memory.py``).
 
-    It keeps one primitive per matmul shape, and a run with varying sequence lengths makes hundreds of
-    shapes, with their buffers. On the throughput benchmark's one-paragraph shape in bf16 (80 steps),
-    peak RSS was 1,237-1,255 MiB with the default, 1,112-1,116 with 128, 1,055 with 64 and 1,023-1,041
-    with 8; tokens/s was the same within the run-to-run noise down to 64 and 13% lower with 8
-    (benchmarks/README.md). oneDNN reads the setting when it makes its first primitive, so this must
-    run before the first bf16 matmul; afterwards it changes nothing. Returns True when set; a user's
-    own ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` wins (False).
+    A run with varying sequence lengths makes hundreds of matmul shapes, and with the defaults both
+    caches grow through the whole run. On the throughput benchmark's one-paragraph shape in bf16 (60
+    timed and 10 instrumented steps, an AVX-512 BF16 EPYC), peak RSS was 1,081-1,094 MiB with oneDNN's
+    cache at 128 and ideep's at its default, and 904-925 MiB with both at 64, at the same speed
+    (benchmarks/README.md). One step uses a few dozen shapes (the encoders' layers forward and
+    backward, the vocabulary chunks); a cache smaller than that would rebuild them every step.
+
+    Both libraries read the settings when they make their first matmul, so this must run before the
+    first bf16 matmul; afterwards it changes nothing. Returns the variables it set: a user's own
+    setting of either wins.
     """
-    if ONEDNN_CACHE_ENV in os.environ:
-        return False
-    os.environ[ONEDNN_CACHE_ENV] = str(int(capacity))
-    return True
+    set_now = []
+    for name in (ONEDNN_CACHE_ENV, IDEEP_CACHE_ENV):
+        if name not in os.environ:
+            os.environ[name] = str(int(capacity))
+            set_now.append(name)
+    return tuple(set_now)
 
 
 class EmbeddingRowGrads:
