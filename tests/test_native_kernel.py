@@ -80,6 +80,46 @@ def test_native_kl_is_deterministic_for_a_thread_count():
     assert torch.equal(r1, r2) and torch.equal(g1, g2) and torch.equal(s1, s2)
 
 
+needs_openmp = pytest.mark.skipif(not native.openmp(), reason="the native library was built without OpenMP")
+
+
+def _all_kernels(dtype: torch.dtype, threads: int) -> list[torch.Tensor]:
+    a, b = logits(37, 1500, dtype, seed=11)
+    g = torch.empty(a.shape, dtype=dtype)
+    rows, sums = native.kl_rows(a, b, g, colsum=True, threads=threads)
+    ids = torch.stack([torch.randperm(1500, generator=torch.Generator().manual_seed(i))[:8] for i in range(37)])
+    lse, tail = native.softmax_stats(a, ids, threads=threads, mul=0.5)
+    e = torch.empty(a.shape, dtype=dtype)
+    assert native.scaled_exp(a, lse, torch.rand(37, generator=torch.Generator().manual_seed(3)), e, threads=threads,
+                              mul=0.5)
+    return [rows, g, sums, lse, tail, e]
+
+
+@needs_native
+@needs_openmp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_openmp_threads_and_the_thread_pool_give_the_same_bits(monkeypatch, dtype, threads):
+    on_openmp = _all_kernels(dtype, threads)
+    pool_calls = []
+    in_parallel = native._in_parallel
+    monkeypatch.setattr(native._lib, "distill_openmp", lambda: 0)  # the pool, as a build without OpenMP runs
+    monkeypatch.setattr(native, "_in_parallel", lambda *a: (pool_calls.append(a[:2]), in_parallel(*a)))
+    on_pool = _all_kernels(dtype, threads)
+    assert len(pool_calls) == 3
+    for x, y in zip(on_openmp, on_pool):
+        assert torch.equal(x, y)
+
+
+@needs_openmp
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_the_library_runs_on_pytorchs_own_openmp_runtime():
+    # One libgomp in the process: the library's threads are PyTorch's intra-op threads, not a second pool.
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    gomp = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    assert len(gomp) == 1, gomp
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_losses_with_the_native_kernel_match_the_eager_ones(dtype):
@@ -160,6 +200,21 @@ def _probe(env: dict) -> str:
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
+
+
+def test_a_compiler_without_openmp_builds_the_library_without_it(tmp_path):
+    from distill.losses.native import _compiler
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cc = bin_dir / "cc"  # the real compiler, refusing -fopenmp as one without OpenMP does
+    refuse = '[ "$a" = -fopenmp ] && { echo "unsupported option" >&2; exit 1; }'
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do {refuse}; done\nexec {_compiler()} "$@"\n')
+    cc.chmod(0o755)
+    code = "from distill.losses import native; print(native.available(), native.openmp())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CC": str(cc), "DISTILL_NATIVE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0 and r.stdout.split() == ["True", "False"], (r.stdout, r.stderr)
 
 
 def test_without_a_compiler_or_when_switched_off_the_eager_kernel_runs(tmp_path):

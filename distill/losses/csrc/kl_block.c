@@ -13,11 +13,21 @@
  * Logits are floored at float32's min / 4 on reading (-inf from vocabulary padding would give
  * 0 * -inf = NaN); exp of anything below -87.3 is 0, as the probability of a floored logit is.
  * Compiled at first use with the machine's own ISA (-march=native); no PyTorch headers, called
- * through ctypes with the tensors' data pointers. Threads: the caller runs row ranges in parallel.
+ * through ctypes with the tensors' data pointers.
+ *
+ * Threads: the *_par entry points split the rows over OpenMP's threads. Built with -fopenmp, this
+ * library needs libgomp.so.1, and the loader gives it the one PyTorch has already loaded: the row
+ * ranges run on PyTorch's own intra-op threads. Any other threads would share the cores with PyTorch's
+ * OpenMP worker, which spins for some milliseconds after each parallel op (the projection's matmul
+ * just before): a (384, 30,522) fp32 block took 14 ms that way on 2 cores, against 8 ms alone.
+ * Built without OpenMP, the caller runs row ranges on threads of its own (distill_openmp() is 0).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define FLOOR (-8.50705917e37f) /* float32 min / 4, as distill.losses.kernels.LOGIT_FLOOR */
 
@@ -212,5 +222,62 @@ void distill_scaled_exp_rows(const void *a, int in_bf16, float mul, const float 
             for (int64_t v = 0; v < V; v++)
                 gr[v] = c * exp_nonpositive(floored(af[v] * mul) - s);
         }
+    }
+}
+
+/* ------------------------------------------------------------------ the rows over OpenMP's threads */
+
+int distill_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* This thread's share [*r0, *r1) of n rows, and its index (for its scratch and column sums). */
+static inline int my_rows(int64_t n, int64_t *r0, int64_t *r1) {
+    int i = 0, t = 1;
+#ifdef _OPENMP
+    i = omp_get_thread_num();
+    t = omp_get_num_threads();
+#endif
+    *r0 = n * i / t;
+    *r1 = n * (i + 1) / t;
+    return i;
+}
+
+/* distill_kl_rows over rows [0, n) on up to `threads` threads; colsums (NULL or threads x V, each thread
+ * adds to its own row of it) and scratch (threads x 2 V) are per thread. */
+void distill_kl_rows_par(const void *a, const void *b, int in_bf16, void *g, int g_bf16, float *rows,
+                         float *colsums, float *scratch, int64_t n, int64_t V, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        int i = my_rows(n, &r0, &r1);
+        distill_kl_rows(a, b, in_bf16, g, g_bf16, rows, colsums ? colsums + i * V : NULL, scratch + i * 2 * V, r0,
+                        r1, V);
+    }
+}
+
+/* distill_softmax_stats_rows over rows [0, n); scratch: threads x V, all 1. */
+void distill_softmax_stats_rows_par(const void *a, int in_bf16, float mul, const int64_t *ids, int64_t k, float *lse,
+                                    float *lse_tail, float *scratch, int64_t n, int64_t V, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        int i = my_rows(n, &r0, &r1);
+        distill_softmax_stats_rows(a, in_bf16, mul, ids, k, lse, lse_tail, scratch + i * V, r0, r1, V);
+    }
+}
+
+/* distill_scaled_exp_rows over rows [0, n). */
+void distill_scaled_exp_rows_par(const void *a, int in_bf16, float mul, const float *shift, const float *alpha,
+                                 void *g, int g_bf16, int64_t n, int64_t V, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        my_rows(n, &r0, &r1);
+        distill_scaled_exp_rows(a, in_bf16, mul, shift, alpha, g, g_bf16, r0, r1, V);
     }
 }
