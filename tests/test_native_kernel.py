@@ -103,7 +103,7 @@ def test_openmp_threads_and_the_thread_pool_give_the_same_bits(monkeypatch, dtyp
     on_openmp = _all_kernels(dtype, threads)
     pool_calls = []
     in_parallel = native._in_parallel
-    monkeypatch.setattr(native._lib, "distill_openmp", lambda: 0)  # the pool, as a build without OpenMP runs
+    monkeypatch.setattr(native, "_use_openmp", False)  # the pool, as a build without OpenMP runs
     monkeypatch.setattr(native, "_in_parallel", lambda *a: (pool_calls.append(a[:2]), in_parallel(*a)))
     on_pool = _all_kernels(dtype, threads)
     assert len(pool_calls) == 3

@@ -15,10 +15,11 @@ use them.
 :func:`kl_rows` returns None when the kernel cannot be used here (no compiler, a build error, not
 x86-64 or ARM Linux/macOS, ``DISTILL_NATIVE=0``); callers then run the eager kernel. Row ranges run
 in parallel on ``torch.get_num_threads()`` threads: built with ``-fopenmp``, on PyTorch's own OpenMP
-threads (the library shares the libgomp PyTorch loaded), else on a pool of Python threads (ctypes
-releases the GIL). The pool competes for the cores with PyTorch's OpenMP worker, which spins for some
-milliseconds after each parallel op: a (384, 30,522) fp32 block right after a matmul took 14 ms on the
-pool against 8 ms on OpenMP's threads (2-core AVX-512 EPYC; ``benchmarks/README.md``).
+threads (the library shares the libgomp PyTorch loaded; checked in ``/proc/self/maps``), else on a pool
+of Python threads (ctypes releases the GIL). The pool competes for the cores with PyTorch's OpenMP
+worker, which spins for some milliseconds after each parallel op: a (384, 30,522) fp32 block right after
+a matmul took 14 ms on the pool against 8 ms on OpenMP's threads (2-core AVX-512 EPYC;
+``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapp
 OPENMP = "-fopenmp"  # tried first; a compiler without OpenMP builds the library without it
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_use_openmp = False  # the row ranges on OpenMP's threads (see openmp())
 _tried = False
 _error: str | None = None
 _pool: ThreadPoolExecutor | None = None
@@ -103,14 +105,26 @@ def _build() -> ctypes.CDLL:
     return dll
 
 
+def _one_openmp_runtime() -> bool:
+    """Whether the process maps a single libgomp (Linux; elsewhere, whether the library can be trusted to
+    share PyTorch's runtime is unknown, so no)."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return False
+    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "/libgomp" in line}
+    return len(paths) == 1
+
+
 def openmp() -> bool:
-    """Whether the library runs its row ranges on OpenMP's threads (built with OpenMP)."""
-    return available() and bool(_lib.distill_openmp())
+    """Whether the library runs its row ranges on OpenMP's threads: built with OpenMP, and sharing
+    PyTorch's OpenMP runtime (a second runtime would bring a second pool of threads competing for the
+    cores, as the Python pool does, so the pool is used then)."""
+    return available() and _use_openmp
 
 
 def available() -> bool:
     """Whether the native kernel is built (building it on the first call)."""
-    global _lib, _tried, _error
+    global _lib, _tried, _error, _use_openmp
     if _tried:
         return _lib is not None
     with _lock:
@@ -123,6 +137,7 @@ def available() -> bool:
             else:
                 try:
                     _lib = _build()
+                    _use_openmp = bool(_lib.distill_openmp()) and _one_openmp_runtime()
                 except Exception as e:  # no compiler, a build error, a sandbox without a writable home, ...
                     _error = f"{type(e).__name__}: {e}"
             _tried = True
@@ -190,7 +205,7 @@ def kl_rows(a: Tensor, b: Tensor, g_out: Tensor | None, colsum: bool = False,
     scratch = torch.empty(threads, 2 * V, dtype=torch.float32)
     in_bf16 = int(a.dtype == torch.bfloat16)
     g_bf16 = int(g_out is not None and g_out.dtype == torch.bfloat16)
-    if _lib.distill_openmp():
+    if _use_openmp:
         _lib.distill_kl_rows_par(a.data_ptr(), b.data_ptr(), in_bf16, _ptr(g_out), g_bf16, rows.data_ptr(),
                                  _ptr(sums), scratch.data_ptr(), n, V, threads)
     else:
@@ -221,7 +236,7 @@ def softmax_stats(a: Tensor, ids: Tensor, threads: int | None = None, mul: float
     threads = _threads(n, threads)
     scratch = torch.ones(threads, V, dtype=torch.float32)
     in_bf16, k = int(a.dtype == torch.bfloat16), ids.shape[1]
-    if _lib.distill_openmp():
+    if _use_openmp:
         _lib.distill_softmax_stats_rows_par(a.data_ptr(), in_bf16, float(mul), ids.data_ptr(), k, lse.data_ptr(),
                                             lse_tail.data_ptr(), scratch.data_ptr(), n, V, threads)
         return lse, lse_tail
@@ -248,7 +263,7 @@ def scaled_exp(a: Tensor, shift: Tensor, alpha: Tensor, g_out: Tensor, threads: 
     if n == 0:
         return True
     in_bf16, g_bf16 = int(a.dtype == torch.bfloat16), int(g_out.dtype == torch.bfloat16)
-    if _lib.distill_openmp():
+    if _use_openmp:
         _lib.distill_scaled_exp_rows_par(a.data_ptr(), in_bf16, float(mul), shift.data_ptr(), alpha.data_ptr(),
                                          g_out.data_ptr(), g_bf16, n, V, _threads(n, threads))
         return True

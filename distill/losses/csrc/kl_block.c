@@ -20,7 +20,8 @@
  * ranges run on PyTorch's own intra-op threads. Any other threads would share the cores with PyTorch's
  * OpenMP worker, which spins for some milliseconds after each parallel op (the projection's matmul
  * just before): a (384, 30,522) fp32 block took 14 ms that way on 2 cores, against 8 ms alone.
- * Built without OpenMP, the caller runs row ranges on threads of its own (distill_openmp() is 0).
+ * Built without OpenMP (distill_openmp() is 0), or where the process ends up with a second libgomp, the
+ * caller runs row ranges on threads of its own.
  */
 #include <math.h>
 #include <stdint.h>
