@@ -68,3 +68,39 @@ def test_data_path_benchmark_reports_both_sizes(bert_tok_dir, prose_file, tmp_pa
     summary = rows[-1]
     assert summary["stage"] == "summary" and summary["corpus_ratio"] == 3
     assert summary["x3_speedup_2_over_1_workers"] > 0
+
+
+def test_matmul_peak_does_not_count_in_the_training_rss():
+    # The CPU peak's operands (3 x 9 MiB at n = 1536) live in a child process: the benchmark's process, whose
+    # peak RSS it reports for the training, does not grow. The same matmul in-process does (the check can fail).
+    # Linux's high-water mark (VmHWM) is reset to the current RSS before each ("5" into /proc/self/clear_refs).
+    code = f"""
+import importlib.util, json, torch
+spec = importlib.util.spec_from_file_location("throughput", {str(SCRIPT)!r})
+tp = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tp)
+cpu = torch.device("cpu")
+
+def growth(fn):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    status = lambda key: int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith(key)))
+    before = status("VmRSS:")
+    out = fn()
+    return out, (status("VmHWM:") - before) / 1024
+
+child, child_growth = growth(lambda: tp.matmul_peaks(cpu, [torch.float32], 1536))
+_, in_process_growth = growth(lambda: tp.matmul_peak(cpu, torch.float32, 1536))
+print(json.dumps({{"child": child["float32"], "child_growth": child_growth, "in_process_growth": in_process_growth}}))
+"""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["child"] > 1e9  # FLOP/s
+    assert out["child_growth"] < 8, out
+    assert out["in_process_growth"] > 20, out
