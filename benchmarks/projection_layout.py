@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import cpu_description, matmul_peak  # noqa: E402
+from matmul_peak import matmul_peak  # noqa: E402
+from throughput import cpu_description  # noqa: E402
 
 
 def _seconds(fn, reps: int) -> float:

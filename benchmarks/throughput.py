@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.matmul_peak import matmul_peak  # noqa: E402
 from distill import losses as L  # noqa: E402
 from distill.config import TrainConfig  # noqa: E402
 from distill.data.binarize import TOKENS_FILE, binarize, read_meta  # noqa: E402
@@ -249,43 +250,6 @@ def projected_rows(distiller: Distiller, batch: dict) -> tuple[int, int]:
 # Matmul peak
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    """Best FLOP/s of an n^3 matmul (what the hardware gives this process now)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-_PEAK_CHILD = """
-import json, sys, time, torch
-torch.set_num_threads(int(sys.argv[1]))
-n, out = int(sys.argv[2]), {}
-for name in sys.argv[3:]:
-    dt = getattr(torch, name)
-    a, b, c = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt), torch.zeros(n, n).to(dt)
-    t_end = time.perf_counter() + 0.5  # a fresh process: its threads and the cores' clocks warmed up first
-    while time.perf_counter() < t_end:
-        torch.mm(a, b, out=c)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    out[name] = 2 * n ** 3 / best
-print(json.dumps(out))
-"""
-
-
 def matmul_peaks(device: torch.device, dtypes: list[torch.dtype], n: int) -> dict[str, float]:
     """:func:`matmul_peak` of each dtype, by name ("float32", ...). On the CPU in a child process with as many
     threads as this one (this process waits meanwhile), so that its operands, freed afterwards, do not
@@ -293,7 +257,8 @@ def matmul_peaks(device: torch.device, dtypes: list[torch.dtype], n: int) -> dic
     names = [str(dt).split(".")[-1] for dt in dtypes]
     if device.type != "cpu":
         return {name: matmul_peak(device, dt, n) for name, dt in zip(names, dtypes)}
-    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(torch.get_num_threads()), str(n), *names],
+    script = Path(__file__).with_name("matmul_peak.py")
+    r = subprocess.run([sys.executable, str(script), str(torch.get_num_threads()), str(n), *names],
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise SystemExit(f"error: the matmul peak's child process failed: {r.stderr.strip()[-300:]}")
