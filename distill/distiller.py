@@ -25,6 +25,7 @@ from torch import nn
 
 from distill import losses as L
 from distill import optim as O
+from distill.attention import use_fp32_attention
 from distill.checkpoint import CheckpointManager
 from distill.config import TrainConfig
 from distill.data.collate import IGNORE_INDEX, Collator
@@ -130,6 +131,13 @@ class Distiller:
         compiled = dynamo is not None and isinstance(self.student, dynamo.eval_frame.OptimizedModule)
         if device.type == "cpu" and not self.dist.enabled and not compiled:
             self.embedding_rows = EmbeddingRowGrads.install(self.student)
+        # bf16 on the CPU: the student's attention in fp32 where this CPU measured it faster (distill.attention).
+        self.attention = None
+        if device.type == "cpu" and cfg.bf16 and not compiled:
+            self.attention = use_fp32_attention(self.student, cfg.max_model_input_size)
+            if self.attention is not None:
+                logger.info("bf16 on the CPU: the student's attention runs in %s (%s)",
+                            "fp32" if self.attention.fp32 else "bf16", self.attention.source)
         # Scratch blocks of the fused vocabulary losses, kept from step to step (see L.Workspace).
         self.loss_workspace = L.Workspace()
         # One process on the CPU: the projection's weight gradient goes back to the workspace when cleared,

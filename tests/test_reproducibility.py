@@ -147,6 +147,24 @@ def test_a_divergence_run_is_reproducible_resumes_exactly_and_differs_from_kl(re
 
 
 @pytest.mark.parametrize("kind", ["mlm", "clm"])
+def test_bf16_with_the_fp32_attention_is_reproducible_and_resumes_exactly(readme, tmp_path, kind):
+    """--bf16 on the CPU with the student's attention in fp32 (distill.attention, pinned here as a machine's
+    file would pin it): two runs, and a kill after step 6 then --resume, give the same student."""
+    _, paths = readme
+    a, b = tmp_path / "a", tmp_path / "b"
+    fp32 = {"DISTILL_CPU_ATTENTION": "fp32"}
+    r = ok(launch(train_args(paths, kind, a, "--bf16"), **fp32))
+    assert "the student's attention runs in fp32 (env)" in r.stdout + r.stderr
+    r = launch(train_args(paths, kind, b, "--bf16"), fault="after_step_6", **fp32)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    ok(launch(train_args(paths, kind, b, "--bf16", "--resume"), **fp32))
+    assert_same_student(a, b)
+    # (Here the bf16 attention gave the same bits: DistilBERT's and GPT-2's queries, keys and values
+    # are bf16 already, and PyTorch's CPU kernel accumulates in fp32 either way; tests/test_attention.py
+    # checks that the fp32 attention is the one that runs.)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "clm"])
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_student(readme, straight, tmp_path, kind):
     _, paths = readme
     step = random_step(kind)

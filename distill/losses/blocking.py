@@ -21,18 +21,14 @@ bf16 instructions, use the defaults unmeasured.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
-import platform
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from distill.machine import cpu_identity, cpu_model_and_flags, fast_16bit, load_or_measure  # noqa: F401
 
 # The defaults, by compute dtype: measured on an AMD EPYC with AVX-512, where one (384, H) x (H, V) fp32
 # matmul over the whole vocabulary ran at 55% of the matmul peak and against 1024-column slices at 80%.
@@ -71,37 +67,7 @@ def default_blocking(dtype: torch.dtype) -> Blocking:
     return Blocking(DEFAULT_ROWS[k], DEFAULT_COLS[k], "default")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DISTILL_BLOCKING_CACHE", Path.home() / ".cache" / "distill"))
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model_and_flags() -> tuple[str, str]:
-    """The CPU's model name and its flags line, from /proc/cpuinfo, read once (cpu_blocking runs at every
-    loss call; the native kernels' build key uses it too)."""
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")) and not flags:
-                flags = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return model, flags
-
-
-def cpu_identity() -> str:
-    """The CPU's model name and a hash of its flags."""
-    model, flags = cpu_model_and_flags()
-    return f"{model} flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
-
-
-def _fast_16bit() -> bool:
-    """Whether this CPU has bf16 matmul instructions (without them torch emulates bf16, many times slower
-    than fp32, and a measurement would take minutes for a precision no one should train in here)."""
-    flags = set(cpu_model_and_flags()[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+_fast_16bit = fast_16bit  # a module global, so that tests can pretend either CPU
 
 
 def _key(dtype: torch.dtype, hidden: int, vocab: int) -> str:
@@ -141,45 +107,19 @@ def cpu_blocking(dtype: torch.dtype, hidden: int, vocab: int) -> Blocking:
         return _memo[key]
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _load_or_measure(key: str, dtype: torch.dtype, hidden: int, vocab: int) -> Blocking:
-    folder = _cache_dir()
-    path = folder / "blocking.json"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / "blocking.lock", "a")
-    except OSError:
-        return default_blocking(dtype)  # nowhere to keep a measurement: every process must agree
-    with lock:
-        try:
-            import fcntl
+    def valid(entry: dict) -> bool:  # chosen among other candidates (an older version's file): measured again
+        return entry.get("rows") in ROW_CANDIDATES and entry.get("cols") in COL_CANDIDATES
 
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others then read its result
-        except (ImportError, OSError):
-            pass
-        entry = _read(path).get(key)
-        if (isinstance(entry, dict) and entry.get("rows") in ROW_CANDIDATES
-                and entry.get("cols") in COL_CANDIDATES):
-            return Blocking(entry["rows"], entry["cols"], "file")
-        # Absent, or chosen among other candidates (an older version's file): measured again.
+    def measured() -> dict:
         found = measure(dtype, hidden, vocab)
-        data = _read(path)
-        data[key] = {"rows": found.rows, "cols": found.cols, "timings": found.timings,
-                     "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-        try:
-            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(f.name, path)
-        except OSError:
-            return default_blocking(dtype)  # not kept: a later process would measure again, maybe otherwise
-        return Blocking(found.rows, found.cols, "measured")
+        return {"rows": found.rows, "cols": found.cols, "timings": found.timings}
+
+    got = load_or_measure("blocking", key, valid, measured)
+    if got is None:
+        return default_blocking(dtype)  # nowhere to keep a measurement: every process must agree
+    entry, source = got
+    return Blocking(entry["rows"], entry["cols"], source)
 
 
 @dataclass

@@ -51,7 +51,7 @@ _pool_size = 0
 
 
 def _cpu_key() -> str:
-    from distill.losses.blocking import cpu_model_and_flags
+    from distill.machine import cpu_model_and_flags
 
     model, flags = cpu_model_and_flags()
     return f"{platform.machine()} {model} {flags}"
