@@ -47,7 +47,7 @@ demo-clm: $(STAMP)
 # (pytest.ini). `make test-all` runs every test. On a 2-core AMD EPYC (AVX-512) `make test` took
 # 10:33 and `make test-all` 12:32, and later 10:33–11:31 (857–866 tests); on a 2-core AMD EPYC with AVX2 only
 # `make test` took 12:45–14:37 (858 tests); on a 2-core AVX-512 BF16 EPYC (family 25) 11:10 (881 tests) and,
-# on a busier day, 11:52 (882 tests).
+# on a busier day, 11:52 (882 tests), then 11:32 (892 tests).
 TEST_WORKERS ?= 2
 PYTEST = $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal,)
 test: $(STAMP)
