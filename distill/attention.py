@@ -133,7 +133,7 @@ def cpu_attention_choice(heads: int, head_dim: int, seq_len: int) -> Choice:
 def use_fp32_attention(model: torch.nn.Module, seq_len: int) -> Choice | None:
     """Switch ``model`` (a Hugging Face model with SDPA attention, trained under bf16 autocast on the CPU)
     to ``FP32_SDPA`` where :func:`cpu_attention_choice` says so. None when the model's attention is not
-    SDPA (eager, asked for by a loss that reads attention weights, or a model without the interface)."""
+    SDPA (eager, asked for by a loss that reads attention weights) or the model cannot switch it."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return None
@@ -146,4 +146,6 @@ def use_fp32_attention(model: torch.nn.Module, seq_len: int) -> Choice | None:
     if choice.fp32:
         register()
         model.set_attn_implementation(FP32_SDPA)
+        if config._attn_implementation != FP32_SDPA:  # a model class that cannot switch (transformers warns)
+            return None
     return choice

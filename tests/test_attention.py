@@ -142,3 +142,18 @@ def test_a_saved_student_loads_with_the_default_attention(tmp_path, monkeypatch)
     model.save_pretrained(tmp_path / "s")
     assert attention.FP32_SDPA not in (tmp_path / "s" / "config.json").read_text()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config._attn_implementation == "sdpa"
+
+
+def test_a_model_that_cannot_switch_is_reported_as_unswitched(monkeypatch):
+    monkeypatch.setenv(attention.ENV, "fp32")
+
+    class Stuck(torch.nn.Module):  # transformers only warns when a model class cannot switch
+        def __init__(self):
+            super().__init__()
+            self.config = LlamaConfig(hidden_size=32, num_attention_heads=4)
+            self.config._attn_implementation = "sdpa"
+
+        def set_attn_implementation(self, name):
+            pass
+
+    assert attention.use_fp32_attention(Stuck(), 64) is None
