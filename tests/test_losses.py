@@ -820,6 +820,38 @@ def test_projected_losses_kept_gradients_survive_a_second_forward_before_the_bac
     assert len(ws.free) >= 2
 
 
+def test_projected_losses_lease_the_weights_16bit_copy():
+    """bf16 compute on an fp32 weight: the weight's bf16 copy is leased from the workspace and given back after
+    the backward (or at the end of a forward without gradients), so the next forward writes the same memory
+    instead of a fresh (V, H) block; the losses and gradients are those of a fresh workspace."""
+    h0, w0, b0, th, tw, tb, labels = _proj_case(10)
+    teacher = ProjectedLogits(th, tw, tb)
+
+    def run(ws, grad=True):
+        h, w, b = _params(h0, w0, b0)
+        with torch.set_grad_enabled(grad):
+            out = projected_vocab_losses(h, w, b, teacher=teacher, soft_target=True, labels=labels,
+                                         compute_dtype=torch.bfloat16, chunk_size=3, workspace=ws)
+        if not grad:
+            return out, None
+        return out, torch.autograd.grad(out["soft_target_ce"] + out["lm_ce"], (h, w, b))
+
+    def weight_copies(ws):
+        return [x for x in ws.free if x.dtype == torch.bfloat16 and x.numel() == w0.numel()]
+
+    ref = run(Lmod.Workspace())
+    ws = Lmod.Workspace()
+    got = run(ws)
+    (copy,) = weight_copies(ws)  # given back by the backward
+    again = run(ws)
+    assert [x.data_ptr() for x in weight_copies(ws)] == [copy.data_ptr()]  # the same memory, written again
+    for out, grads in (got, again):
+        assert all(torch.equal(out[k], ref[0][k]) for k in out)
+        assert all(torch.equal(x, y) for x, y in zip(grads, ref[1]))
+    run(ws, grad=False)
+    assert [x.data_ptr() for x in weight_copies(ws)] == [copy.data_ptr()]  # no backward: given back at once
+
+
 def test_projected_losses_argument_errors():
     h0, w0, b0, th, tw, tb, labels = _proj_case(9)
     with pytest.raises(ValueError, match="need the teacher"):
