@@ -77,7 +77,7 @@ def _env_choice() -> Choice | None:
     return Choice(value == "fp32", "env")
 
 
-def measure(heads: int, head_dim: int, seq_len: int, threads: int | None = None) -> dict:
+def measure(heads: int, head_dim: int, seq_len: int) -> dict:
     """Seconds for one forward and backward of the attention, bf16 and fp32 (inputs cast up, output cast
     down), on fixed random data with a padding mask, for sequences of ``seq_len`` tokens; the best of
     ``_REPEATS``. Draws nothing from the global random generators."""

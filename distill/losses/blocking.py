@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.machine import cpu_identity, cpu_model_and_flags, fast_16bit, load_or_measure  # noqa: F401
+from distill.machine import cpu_identity, fast_16bit, load_or_measure
 
 # The defaults, by compute dtype: measured on an AMD EPYC with AVX-512, where one (384, H) x (H, V) fp32
 # matmul over the whole vocabulary ran at 55% of the matmul peak and against 1024-column slices at 80%.

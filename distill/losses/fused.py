@@ -148,9 +148,8 @@ class _ForwardPass:
         # (V, H). A 16-bit copy of an fp32 weight is leased, not made afresh: on the CPU a fresh block is a page
         # fault per 4 KB on its first write (SmolLM2's (49,152, 576): 20 against 5 ms). Given back after the
         # backward, or at the end of the forward when no gradient is wanted.
-        self.w_leased = weight.dtype != cdt and weight.device.type == "cpu"
-        self.w = p.workspace.lease(tuple(weight.shape), cdt, weight.device).copy_(weight) if self.w_leased \
-            else weight.to(cdt)
+        self.w_leased = weight.dtype != cdt
+        self.w = p.workspace.lease(tuple(weight.shape), cdt, weight.device).copy_(weight) if self.w_leased else weight
         self.b = None if bias is None else (bias.float() * p.scale).to(cdt)
         self.K, self.V = self.x.shape[0], self.w.shape[0]
         self.dev = self.x.device
