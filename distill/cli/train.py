@@ -27,6 +27,7 @@ from distill.training import Run, build_run, git_info, save_final_student, save_
 logger = logging.getLogger("distill")
 
 
+@distributed.exits_without_finalization
 @cli_entry
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
