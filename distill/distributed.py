@@ -159,8 +159,8 @@ def exits_without_finalization(main: Callable[..., int]) -> Callable[..., int]:
     ``destroy_process_group`` joins those threads only when nothing else holds the group, and
     FSDP2's module state does: it outlives the model. A 15-line script doing all-reduces, a
     barrier and ``destroy_process_group`` while it holds the group aborted in 9 of 40 two-process
-    runs; none of 40 ended with ``os._exit``. Everything a run writes is closed by the time
-    ``main`` returns. Outside torchrun ``main`` is called as it is.
+    runs; none of 40 ended with ``os._exit`` (``benchmarks/gloo_exit.py``). Everything a run
+    writes is closed by the time ``main`` returns. Outside torchrun ``main`` is called as it is.
     """
 
     @functools.wraps(main)
