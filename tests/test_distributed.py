@@ -200,6 +200,7 @@ def test_exits_without_finalization_under_torchrun(monkeypatch, capsys, outcome,
         return None
 
     monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    monkeypatch.setattr(distributed.logging, "shutdown", lambda: None)  # pytest's own handlers stay open
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     if outcome == "return":  # outside torchrun: an ordinary call
         assert main() == 0
