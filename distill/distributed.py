@@ -141,7 +141,6 @@ def shutdown(env: DistEnv, finished: bool = False) -> None:
     if env.enabled and dist.is_initialized():
         if finished:
             dist.barrier()
-        env.cpu_group = None  # our own reference to the group
         dist.destroy_process_group()
 
 
